@@ -1,0 +1,1 @@
+"""HTTP edge (FastAPI) and the CLI. Parses, authenticates, calls connector services."""

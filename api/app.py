@@ -1,0 +1,97 @@
+"""The FastAPI application factory. Everything the routes need hangs off ``app.state.runtime``."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+from sqlmodel import col
+
+from api.problems import install_problem_handlers
+from api.routes import actions, admin, paywall, webhooks_admin
+from connector import __version__
+from connector.logs import get_logger
+from connector.metrics import PAYMENTS_BY_STATE, QUEUE_DEPTH
+from connector.runtime import Runtime
+from connector.settings import Settings
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Payment
+
+log = get_logger("api")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    facilitator_app: FastAPI | None = None,
+) -> FastAPI:
+    rt = runtime or Runtime.from_settings(settings)
+    app = FastAPI(
+        title="x402-connector",
+        version=__version__,
+        description="Pay and get paid over x402 from workflow-builder action nodes.",
+    )
+    app.state.runtime = rt
+    install_problem_handlers(app)
+
+    @app.middleware("http")
+    async def request_ids(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else None
+        request.state.request_id = rid or "req_" + secrets.token_hex(8)
+        start = time.perf_counter()
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        log.info(
+            "request",
+            extra={
+                "request_id": request.state.request_id,
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "ms": int((time.perf_counter() - start) * 1000),
+            },
+        )
+        return response
+
+    app.include_router(admin.router)
+    app.include_router(webhooks_admin.router)
+    app.include_router(actions.router)
+    app.include_router(paywall.router)
+    if facilitator_app is not None:
+        app.mount("/facilitator", facilitator_app)
+
+    @app.get("/healthz", tags=["ops"])
+    def health() -> dict[str, Any]:
+        with UnitOfWork(rt.engine) as uow:
+            uow.session.execute(select(1))
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics() -> Response:
+        with UnitOfWork(rt.engine) as uow:
+            rows = uow.session.execute(
+                select(col(Payment.state), func.count()).group_by(col(Payment.state))
+            ).all()
+        for state, count in rows:
+            PAYMENTS_BY_STATE.labels(state=state).set(count)
+        broker = rt.settings.broker_url
+        if broker.startswith("redis"):
+            try:
+                import redis
+
+                depth = redis.Redis.from_url(broker, socket_timeout=1).llen("celery")
+                QUEUE_DEPTH.labels(queue="celery").set(depth)
+            except Exception:  # metrics must not fail because the broker is down
+                log.warning("queue depth unavailable")
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

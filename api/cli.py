@@ -1,0 +1,304 @@
+"""``x402c``: the command line for newcomers and operators.
+
+Exit codes scripts can trust: 0 success, 1 the operation failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="x402c",
+    help="x402-connector: let AI agents pay and get paid over x402.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+admin_key_app = typer.Typer(help="Admin API keys.", no_args_is_help=True)
+connections_app = typer.Typer(help="Connections (customer credentials).", no_args_is_help=True)
+keys_app = typer.Typer(help="Vault master keys.", no_args_is_help=True)
+app.add_typer(admin_key_app, name="admin-key")
+app.add_typer(connections_app, name="connections")
+app.add_typer(keys_app, name="keys")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Any:
+    from connector.logs import configure_logging
+    from connector.settings import Settings
+
+    try:
+        settings = Settings()
+    except Exception as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _runtime() -> Any:
+    from connector.runtime import Runtime
+
+    return Runtime.from_settings(_settings())
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+) -> None:
+    """Run the end-to-end demo: two agents pay each other on a local chain (no Docker)."""
+    from api.demo import run_demo
+
+    raise typer.Exit(run_demo(data_dir, console))
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="API port on 127.0.0.1.")] = 8402,
+    data_dir: Annotated[Path, typer.Option(help="State directory.")] = Path(".x402c/dev"),
+) -> None:
+    """Run the embedded stack (chain, facilitator, API, worker) until Ctrl-C."""
+    from api.stack import start_stack
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with console.status("starting dev chain, facilitator, API and worker…"):
+        stack = start_stack(data_dir, port=port)
+    console.print(f"API        {stack.api_url}   (docs: {stack.api_url}/docs)")
+    console.print(f"facilitator {stack.facilitator_url}")
+    console.print(f"anvil      {stack.chain.rpc_url}  token {stack.chain.token}")
+    console.print(f"admin key  {stack.admin_key}   (shown once)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.close()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8402,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the API (production: Redis broker, PostgreSQL, separate workers)."""
+    import uvicorn
+
+    _settings()
+    uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="warning")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker threads.")] = 8,
+) -> None:
+    """Run a Celery worker (stateless; run as many as you need)."""
+    from workers.celery_app import celery_app
+    from workers.runtime import runtime
+    from workers.wiring import wire
+
+    _settings()
+    wire(runtime(), celery_app)
+    celery_app.worker_main(
+        ["worker", "--pool=threads", f"--concurrency={concurrency}", "--loglevel=INFO"]
+    )
+
+
+@app.command()
+def beat() -> None:
+    """Run the Celery beat scheduler (exactly one per deployment)."""
+    import workers.tasks
+    import workers.webhook_tasks  # noqa: F401
+    from workers.celery_app import celery_app
+
+    _settings()
+    celery_app.start(["beat", "--loglevel=INFO"])
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (safe to run repeatedly)."""
+    from connector.storage.migrate import upgrade
+
+    rt = _runtime()
+    upgrade(rt.engine)
+    console.print("[green]database is at the newest schema[/]")
+
+
+@admin_key_app.command("create")
+def admin_key_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the key.")],
+    scope: Annotated[list[str], typer.Option(help="admin, read or actions (repeatable).")],
+) -> None:
+    """Create an admin API key; it is printed once and never again."""
+    from connector import admin_keys
+    from connector.errors import ValidationFailed
+    from connector.storage.db import transaction
+
+    rt = _runtime()
+    try:
+        with transaction(rt.engine) as session:
+            row, key = admin_keys.create_key(session, name=name, scopes=scope, actor="cli")
+    except ValidationFailed as exc:
+        err.print(f"[red]{exc.detail}[/]")
+        raise typer.Exit(2) from exc
+    console.print(f"{row.id}  scopes={','.join(row.scopes)}")
+    console.print(key)
+
+
+@connections_app.command("create")
+def connections_create(
+    config: Annotated[Path, typer.Argument(help="JSON file with the connection fields.")],
+) -> None:
+    """Create a connection from a JSON file (see docs/admin-api.md for the fields)."""
+    from pydantic import ValidationError
+
+    from connector.connections import service
+    from connector.connections.schemas import ConnectionCreate
+    from connector.storage.db import transaction
+
+    rt = _runtime()
+    try:
+        data = ConnectionCreate.model_validate(json.loads(config.read_text()))
+    except (ValidationError, ValueError) as exc:
+        err.print(f"[red]invalid connection:[/] {exc}")
+        raise typer.Exit(2) from exc
+    with transaction(rt.engine) as session:
+        created = service.create(session, rt.vault, data, actor="cli")
+    console.print_json(created.model_dump_json())
+
+
+@connections_app.command("list")
+def connections_list() -> None:
+    """List connections (secrets are never shown)."""
+    from connector.connections import service
+    from connector.storage.db import transaction
+
+    rt = _runtime()
+    with transaction(rt.engine) as session:
+        rows, _ = service.list_page(session, limit=200)
+        for conn in rows:
+            view = service.view(conn)
+            console.print(f"{view.id}  {view.name}  {view.network}  {view.wallet_address}")
+
+
+@connections_app.command("test")
+def connections_test(connection_id: str) -> None:
+    """Check a connection's facilitator, RPC, wallet and webhook; exit 1 if any check fails."""
+    from connector.connections.testing import run_connection_test
+
+    report = run_connection_test(_runtime(), connection_id)
+    for check in report.checks:
+        mark = "[green]ok[/]" if check.ok else "[red]FAIL[/]"
+        console.print(f"{mark:>16} {check.name:<15} {check.latency_ms:>5} ms  {check.detail}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def pay(
+    url: str,
+    connection_id: Annotated[str, typer.Option("--connection", help="Paying connection.")],
+    max_amount: Annotated[str | None, typer.Option(help="Refuse prices above this.")] = None,
+) -> None:
+    """Pay an x402-protected URL with a connection's wallet and print the response."""
+    from connector.actions.schemas import SendInput
+    from connector.actions.service import run_job
+    from connector.jobs import get_job, start_job
+    from connector.storage.db import transaction
+
+    rt = _runtime()
+    body = SendInput(url=url, max_amount=max_amount).model_dump(exclude_none=True)
+    with transaction(rt.engine) as session:
+        job = start_job(
+            session, connection_id=connection_id, action="send", body=body, idempotency_key=None
+        ).job
+    with console.status(f"paying {url}…"):
+        run_job(rt, job.id)
+    with transaction(rt.engine) as session:
+        done = get_job(session, job.id)
+    console.print_json(json.dumps(done.result or done.error))
+    raise typer.Exit(0 if done.status == "succeeded" else 1)
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Re-wrap every stored secret under the active (first) master key; prints counts."""
+    from connector.vault.rotation import keys_in_use, rewrap_all
+
+    rt = _runtime()
+    with console.status("re-wrapping secrets…"):
+        report = rewrap_all(rt.engine, rt.vault)
+    console.print(f"re-wrapped {report.rewrapped}, already current {report.already_current}")
+    console.print(f"keys in use now: {dict(keys_in_use(rt.engine))}")
+    if report.failed:
+        for failure in report.failed:
+            err.print(f"[red]failed:[/] {failure}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def devchain(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8545,
+    state_file: Annotated[Path, typer.Option(help="Where to write the deployment.")] = Path(
+        ".x402c/devchain.json"
+    ),
+) -> None:
+    """Start anvil, deploy the DevUSD token and fund the dev accounts; run until Ctrl-C."""
+    from connector.devchain.deploy import start_devchain
+
+    node, info = start_devchain(host=host, port=port, state_file=state_file)
+    console.print_json(info.to_json())
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+@app.command()
+def facilitator(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8403,
+    devchain_state: Annotated[Path, typer.Option(help="File written by `x402c devchain`.")] = Path(
+        ".x402c/devchain.json"
+    ),
+    gas_key_index: Annotated[int, typer.Option(help="Dev account paying gas.")] = 19,
+) -> None:
+    """Run the local facilitator for the dev chain."""
+    import uvicorn
+
+    from api.facilitator_app import create_facilitator_app
+    from connector.chain import ChainClient
+    from connector.devchain.deploy import DevChainInfo, dev_accounts
+    from connector.facilitator.local import LocalFacilitator
+
+    if not devchain_state.exists():
+        err.print(f"[red]{devchain_state} not found:[/] start `x402c devchain` first")
+        raise typer.Exit(2)
+    info = DevChainInfo.from_file(devchain_state)
+    local = LocalFacilitator(
+        ChainClient(info.rpc_url),
+        dev_accounts(gas_key_index + 1)[gas_key_index],
+        network=info.network,
+        assets={info.token},
+    )
+    uvicorn.run(create_facilitator_app(local), host=host, port=port, log_level="warning")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

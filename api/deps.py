@@ -1,0 +1,67 @@
+"""Request-scoped dependencies: the runtime, a database session, and scoped authentication."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+from fastapi import Depends, HTTPException, Request
+from sqlmodel import Session
+
+from connector import admin_keys
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.connections import AdminKey
+
+#: Paths that need no admin key, on purpose. Everything else is authenticated (a test enumerates
+#: every route of the app to prove it).
+PUBLIC_PATHS = frozenset(
+    {
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/healthz",
+        "/metrics",
+        "/v1/manifest",
+        "/pay/{request_id}",
+    }
+)
+PUBLIC_PREFIXES = ("/facilitator",)
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def session(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
+    with UnitOfWork(rt.engine) as uow:
+        yield uow.session
+        uow.commit()
+
+
+def require(scope: str) -> Callable[..., AdminKey]:
+    def dependency(request: Request, rt: Runtime = Depends(runtime)) -> AdminKey:
+        header = request.headers.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not token:
+            raise HTTPException(401, "missing bearer API key")
+        with UnitOfWork(rt.engine) as uow:
+            key = admin_keys.authenticate(uow.session, token)
+            if key is None:
+                raise HTTPException(401, "invalid or revoked API key")
+            if not admin_keys.has_scope(key, scope):
+                raise HTTPException(403, f"this key lacks the {scope!r} scope")
+            key.last_used_at = datetime.now(UTC)
+            uow.session.add(key)
+            uow.commit()
+        request.state.actor = key.id
+        return key
+
+    return dependency
+
+
+def request_id(request: Request) -> str | None:
+    rid: str | None = getattr(request.state, "request_id", None)
+    return rid

@@ -1,0 +1,81 @@
+"""RFC 9457 problem+json for every error the API can return, with stable ``type`` codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from connector.errors import ConnectorError
+from connector.logs import get_logger
+
+log = get_logger("api.problems")
+TYPE_BASE = "https://x402c.dev/problems/"
+
+
+def problem_response(
+    status: int, code: str, title: str, detail: str, request: Request, **extra: Any
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "request_id": getattr(request.state, "request_id", None),
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {}
+    if status == 401:
+        headers["www-authenticate"] = 'Bearer realm="x402c"'
+    return JSONResponse(
+        body, status_code=status, media_type="application/problem+json", headers=headers
+    )
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ConnectorError)
+    async def connector_error(request: Request, exc: ConnectorError) -> JSONResponse:
+        extra: dict[str, Any] = {}
+        for key in ("field", "rule", "payment_id", "connection_id", "allowed", "current"):
+            if exc.context.get(key) is not None:
+                extra[key] = exc.context[key]
+        if exc.context.get("field"):
+            extra["errors"] = [{"field": exc.context["field"], "message": exc.detail}]
+        if exc.status >= 500:
+            log.warning("request failed", extra={"code": exc.code, "path": request.url.path})
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, request, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _field_path(e.get("loc", ())), "message": str(e.get("msg"))}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)[:1000]
+        return problem_response(
+            422, "validation_failed", "Validation failed", detail, request, errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, f"http_{exc.status_code}")
+        return problem_response(
+            exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail), request
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", extra={"path": request.url.path, "error": type(exc).__name__})
+        return problem_response(
+            500, "internal_error", "Internal error", "an unexpected error occurred", request
+        )

@@ -1,0 +1,139 @@
+"""The workflow builder's surface: manifest, action calls with Idempotency-Key, jobs, REST hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from api.deps import require, runtime
+from connector import jobs
+from connector.actions.manifest import build_manifest
+from connector.actions.registry import BY_KEY
+from connector.connections import service as connections
+from connector.errors import NotFound
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.connections import AdminKey
+from connector.storage.models.payments import Job
+from connector.webhooks import subscriptions
+
+router = APIRouter(tags=["actions"])
+ACTIONS = Depends(require("actions"))
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "object": "job",
+        "action": job.action,
+        "status": job.status,
+        "connection_id": job.connection_id,
+        "payment_id": job.payment_id,
+        "result": job.result,
+        "error": job.error,
+        "created_at": job.created_at.isoformat(),
+        "updated_at": job.updated_at.isoformat(),
+    }
+
+
+@router.get("/v1/manifest")
+def manifest(request: Request, rt: Runtime = Depends(runtime)) -> dict[str, Any]:
+    return build_manifest(rt.settings.public_base_url.rstrip("/"))
+
+
+@router.post("/v1/connections/{connection_id}/actions/{action}")
+async def run_action(
+    connection_id: str,
+    action: str,
+    request: Request,
+    body: dict[str, Any] = Body(default_factory=dict),
+    wait: float = Query(0, ge=0, le=60, description="Seconds to wait for the result."),
+    idempotency_key: str | None = Header(default=None, max_length=255),
+    _: AdminKey = ACTIONS,
+    rt: Runtime = Depends(runtime),
+) -> JSONResponse:
+    spec = BY_KEY.get(action)
+    if spec is None:
+        raise NotFound(f"unknown action {action!r}; see GET /v1/manifest")
+    try:
+        spec.input_model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
+    with UnitOfWork(rt.engine) as uow:
+        connections.get(uow.session, connection_id)
+        started = jobs.start_job(
+            uow.session,
+            connection_id=connection_id,
+            action=action,
+            body=body,
+            idempotency_key=idempotency_key,
+        )
+        uow.commit()
+    job = started.job
+    try:
+        if started.created:
+            rt.dispatch("x402c.run_job", (job.id,))
+        deadline = time.monotonic() + wait
+        while wait and job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            with UnitOfWork(rt.engine) as uow:
+                job = jobs.get_job(uow.session, job.id)
+        done = job.status in ("succeeded", "failed")
+        headers = {"location": f"/v1/jobs/{job.id}"}
+        if not started.created:
+            headers["idempotent-replayed"] = "true"
+        return JSONResponse(job_view(job), status_code=200 if done else 202, headers=headers)
+    finally:
+        with UnitOfWork(rt.engine) as uow:
+            jobs.finish_request(uow.session, started.idempotency_record_id)
+            uow.commit()
+
+
+@router.get("/v1/jobs/{job_id}")
+def get_job(job_id: str, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)) -> dict[str, Any]:
+    with UnitOfWork(rt.engine) as uow:
+        return job_view(jobs.get_job(uow.session, job_id))
+
+
+class HookSubscribe(BaseModel):
+    connection_id: str = Field(max_length=40)
+    url: str = Field(max_length=2048)
+    event_types: list[str] = Field(default_factory=list, max_length=64)
+    description: str | None = Field(default=None, max_length=256)
+
+
+@router.post("/v1/hooks", status_code=201)
+def subscribe(
+    body: HookSubscribe, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
+) -> dict[str, Any]:
+    with UnitOfWork(rt.engine) as uow:
+        connections.get(uow.session, body.connection_id)
+        sub, secret = subscriptions.create(
+            uow.session,
+            rt.vault,
+            connection_id=body.connection_id,
+            url=body.url,
+            event_types=body.event_types,
+            description=body.description,
+            allow_loopback=rt.settings.webhook_allow_loopback,
+        )
+        uow.commit()
+        return {**subscriptions.view(sub), "secret_once": secret}
+
+
+@router.delete("/v1/hooks/{subscription_id}")
+def unsubscribe(
+    subscription_id: str, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
+) -> dict[str, Any]:
+    with UnitOfWork(rt.engine) as uow:
+        sub = subscriptions.remove(uow.session, subscription_id)
+        uow.commit()
+        return subscriptions.view(sub)

@@ -1,0 +1,245 @@
+"""Run an action job: the one entry point the Celery task calls.
+
+The job row is the durable record of the call. A job re-run after a crash finds its own earlier
+work through the job id (used as the payment's and refund's idempotency key), so it resumes
+instead of starting over — a retried ``send`` never signs a second authorization.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import select
+from sqlmodel import col
+
+import connector.payments.protocol as proto
+from connector.actions import schemas as s
+from connector.actions.registry import BY_KEY
+from connector.errors import ConnectorError, ExternalServiceError, NotFound
+from connector.jobs import get_job, mark_job
+from connector.logs import get_logger
+from connector.metrics import ACTION_SECONDS
+from connector.payments import escrow, receive, refunds, send
+from connector.payments.context import ConnectionContext
+from connector.payments.context_loader import load_connection
+from connector.payments.states import PaymentState
+from connector.payments.views import payment_snapshot
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Payment
+from connector.x402 import exact_evm
+from connector.x402.codec import decode_b64_json, parse_payment_payload
+from connector.x402.requirement import requirement_from_wire
+
+log = get_logger(__name__)
+Handler = Callable[[Runtime, ConnectionContext, Any, str], BaseModel]
+
+
+def problem(exc: ConnectorError) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": f"https://x402c.dev/problems/{exc.code}",
+        "title": exc.title,
+        "status": exc.status,
+        "detail": exc.detail,
+    }
+    for key in ("field", "rule", "payment_id"):
+        if exc.context.get(key) is not None:
+            body[key] = exc.context[key]
+    return body
+
+
+def _payment_view(payment: Payment) -> s.PaymentView:
+    return s.PaymentView.model_validate(payment_snapshot(payment))
+
+
+def _send(rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job_id: str) -> s.SendOutput:
+    prepared = send.prepare_send(rt, ctx, inp, idempotency_key=job_id, job_id=job_id)
+    if prepared.payment is None:
+        assert prepared.probe is not None
+        return s.SendOutput.model_validate(
+            {"payment": None, "response": proto.http_result(prepared.probe)}
+        )
+    payment = prepared.payment
+    if payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
+        payment, _ = send.execute_send(rt, ctx, payment.id)
+    response = payment.response if payment.resource_url and payment.response else None
+    return s.SendOutput.model_validate({"payment": payment_snapshot(payment), "response": response})
+
+
+def _receive(
+    rt: Runtime, ctx: ConnectionContext, inp: s.ReceiveInput, job_id: str
+) -> s.ReceiveOutput:
+    request = receive.create_request(rt, ctx, inp)
+    return s.ReceiveOutput(payment_request=receive.request_view(rt, request))
+
+
+def _verify(rt: Runtime, ctx: ConnectionContext, inp: s.VerifyInput, job_id: str) -> s.VerifyOutput:
+    chain = rt.chain(ctx.rpc_url)
+    if inp.tx_hash is not None:
+        receipt = chain.get_receipt(inp.tx_hash)
+        if receipt is None:
+            return s.VerifyOutput(valid=False, reason="transaction_not_found")
+        transfers = chain.token_transfers(receipt, inp.asset)
+        confirmations = chain.block_number() - receipt.block_number + 1
+        views = [
+            s.TransferView.model_validate(
+                {"from": t.from_, "to": t.to, "value": str(t.value), "log_index": t.log_index}
+            )
+            for t in transfers
+        ]
+        reason = None
+        if receipt.status != 1:
+            reason = "transaction_reverted"
+        elif not any(
+            (inp.expected_to is None or t.to.lower() == inp.expected_to.lower())
+            and (inp.expected_amount is None or t.value == int(inp.expected_amount))
+            for t in transfers
+        ):
+            reason = "no_matching_transfer"
+        elif confirmations < inp.min_confirmations:
+            reason = "not_enough_confirmations"
+        return s.VerifyOutput(
+            valid=reason is None, reason=reason, transfers=views, confirmations=confirmations
+        )
+    raw = inp.payment_payload
+    wire = decode_b64_json(raw, "payment_payload") if isinstance(raw, str) else raw
+    incoming = parse_payment_payload(wire, "payment_payload")
+    requirement = requirement_from_wire(inp.requirements, incoming.version, "requirements")
+    result = exact_evm.verify_exact(
+        incoming.payload,
+        requirement,
+        chain,
+        scheme=incoming.scheme,
+        network=incoming.network,
+    )
+    return s.VerifyOutput(valid=result.is_valid, reason=result.reason, payer=result.payer)
+
+
+def _refund(rt: Runtime, ctx: ConnectionContext, inp: s.RefundInput, job_id: str) -> s.RefundOutput:
+    amount = int(inp.amount) if inp.amount is not None else None
+    refund = refunds.start_refund(rt, ctx, inp.payment_id, amount, inp.reason, job_id)
+    refund, payment = refunds.settle_refund(rt, ctx, refund.id)
+    return s.RefundOutput(
+        refund=s.RefundView(
+            id=refund.id,
+            payment_id=refund.payment_id,
+            amount=str(refund.amount),
+            state=refund.state,
+            tx_hash=refund.tx_hash,
+            failure_reason=refund.failure_reason,
+        ),
+        payment=_payment_view(payment),
+    )
+
+
+def _release(
+    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job_id: str
+) -> s.PaymentOutput:
+    return s.PaymentOutput(payment=_payment_view(escrow.release(rt, ctx, inp.payment_id)))
+
+
+def _void(rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job_id: str) -> s.PaymentOutput:
+    return s.PaymentOutput(payment=_payment_view(escrow.void(rt, ctx, inp.payment_id)))
+
+
+def _balance(
+    rt: Runtime, ctx: ConnectionContext, inp: s.BalanceInput, job_id: str
+) -> s.BalanceOutput:
+    asset, _, _ = proto.asset_for(rt, ctx, ctx.network, inp.asset)
+    balance = rt.chain(ctx.rpc_url).token_balance(asset, ctx.wallet_address)
+    with UnitOfWork(rt.engine) as uow:
+        rows = uow.session.execute(
+            select(Payment)
+            .where(col(Payment.connection_id) == ctx.id)
+            .order_by(col(Payment.id).desc())
+            .limit(inp.history_limit)
+        ).scalars()
+        history = [_payment_view(p) for p in rows]
+    return s.BalanceOutput(
+        address=ctx.wallet_address,
+        network=ctx.network,
+        asset=asset,
+        balance=str(balance),
+        history=history,
+    )
+
+
+HANDLERS: dict[str, Handler] = {
+    "send": _send,
+    "receive": _receive,
+    "verify": _verify,
+    "refund": _refund,
+    "release": _release,
+    "void": _void,
+    "balance": _balance,
+}
+
+
+def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+    with UnitOfWork(rt.engine) as uow:
+        job = get_job(uow.session, job_id)
+        if job.status in ("succeeded", "failed"):
+            return job.result
+        mark_job(uow.session, job, "running")
+        uow.commit()
+    spec = BY_KEY.get(job.action)
+    if spec is None:
+        raise NotFound(f"unknown action {job.action}")
+    started = time.perf_counter()
+    status = "retrying"
+    try:
+        result = _run(rt, job, spec, job_id)
+        status = "succeeded" if result is not None else "failed"
+        return result
+    finally:
+        ACTION_SECONDS.labels(action=job.action, status=status).observe(
+            time.perf_counter() - started
+        )
+
+
+def _run(rt: Runtime, job: Any, spec: Any, job_id: str) -> dict[str, Any] | None:
+    try:
+        inp = spec.input_model.model_validate(job.input or {})
+        ctx = load_connection(rt, job.connection_id)
+        output = HANDLERS[job.action](rt, ctx, inp, job.id)
+    except ExternalServiceError as exc:
+        if exc.retryable:
+            with UnitOfWork(rt.engine) as uow:
+                mark_job(uow.session, get_job(uow.session, job_id), "queued", error=problem(exc))
+                uow.commit()
+            raise
+        _fail(rt, job_id, problem(exc))
+        return None
+    except ConnectorError as exc:
+        _fail(rt, job_id, problem(exc))
+        return None
+    except ValidationError as exc:
+        _fail(
+            rt,
+            job_id,
+            {
+                "type": "https://x402c.dev/problems/validation_failed",
+                "title": "Validation failed",
+                "status": 422,
+                "detail": str(exc.errors()[0].get("msg")),
+            },
+        )
+        return None
+    result = output.model_dump(mode="json", by_alias=True)
+    with UnitOfWork(rt.engine) as uow:
+        mark_job(uow.session, get_job(uow.session, job_id), "succeeded", result=result)
+        uow.commit()
+    return result
+
+
+def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> None:
+    log.info("job failed", extra={"job_id": job_id, "problem": error.get("type")})
+    with UnitOfWork(rt.engine) as uow:
+        job = get_job(uow.session, job_id)
+        job.updated_at = datetime.now(UTC)
+        mark_job(uow.session, job, "failed", error=error)
+        uow.commit()

@@ -1,0 +1,509 @@
+"""A small, fast, thread-safe JSON-RPC chain client.
+
+Why not web3.py on the hot path: building a contract call through web3 costs far more CPU than
+the RPC itself on a local node, and web3 polls receipts every 100 ms by default, which caps a
+facilitator at a handful of settles per second. This client encodes the few calls we need with
+``eth_abi``, keeps one pooled HTTP connection per node, polls receipts every few milliseconds,
+and allocates transaction nonces locally so many threads can send from one gas key at once.
+
+Transport failures are retried with backoff (bounded); JSON-RPC errors are not, and surface as
+:class:`RpcError` with the node's message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
+
+from connector.chain import abi
+from connector.errors import ExternalServiceError
+from connector.retry import call_with_retries
+
+
+class RpcError(ExternalServiceError):
+    code = "rpc_error"
+    title = "Chain RPC error"
+
+
+class TransactionReverted(ExternalServiceError):
+    code = "transaction_reverted"
+    title = "Transaction reverted"
+
+    def __init__(self, detail: str, **context: Any) -> None:
+        super().__init__(detail, retryable=False, **context)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    token: str
+    from_: str
+    to: str
+    value: int
+    log_index: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    tx_hash: str
+    status: int
+    block_number: int
+    logs: list[dict[str, Any]]
+    gas_used: int
+
+
+class _NonceAllocator:
+    """Hands out consecutive nonces per sender; resynchronizes from the node after an error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: dict[str, int] = {}
+
+    def take(self, sender: str, fetch: Any) -> int:
+        with self._lock:
+            if sender not in self._next:
+                self._next[sender] = int(fetch(sender))
+            nonce = self._next[sender]
+            self._next[sender] = nonce + 1
+            return nonce
+
+    def reset(self, sender: str) -> None:
+        with self._lock:
+            self._next.pop(sender, None)
+
+    def reset_all(self) -> None:
+        with self._lock:
+            self._next.clear()
+
+
+@dataclass
+class _Waiter:
+    done: threading.Event = field(default_factory=threading.Event)
+    receipt: Receipt | None = None
+
+
+class _ReceiptWatcher:
+    """One daemon thread per client polling all pending receipts in one batch per tick."""
+
+    def __init__(self, client: ChainClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Waiter] = {}
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="receipt-watcher", daemon=True).start()
+
+    def watch(self, tx_hash: str) -> _Waiter:
+        with self._lock:
+            waiter = self._pending.setdefault(tx_hash, _Waiter())
+        self._wake.set()
+        return waiter
+
+    def forget(self, tx_hash: str) -> None:
+        with self._lock:
+            self._pending.pop(tx_hash, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                hashes = list(self._pending)
+            if not hashes:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                results = self._client.rpc_batch(
+                    [("eth_getTransactionReceipt", [h]) for h in hashes]
+                )
+            except Exception:  # transient: the waiters time out on their own if it persists
+                time.sleep(self._client.poll_interval_s * 10)
+                continue
+            for tx_hash, raw in zip(hashes, results, strict=True):
+                if raw is None:
+                    continue
+                with self._lock:
+                    waiter = self._pending.pop(tx_hash, None)
+                if waiter is not None:
+                    waiter.receipt = ChainClient._parse_receipt(tx_hash, raw)
+                    waiter.done.set()
+            time.sleep(self._client.poll_interval_s)
+
+
+class ChainClient:
+    _instances: weakref.WeakSet[ChainClient] = weakref.WeakSet()
+
+    @classmethod
+    def forget_all_nonces(cls) -> None:
+        """Drop every cached transaction nonce (after a dev-chain snapshot revert)."""
+        for client in list(cls._instances):
+            client.forget_nonces()
+
+    def forget_nonces(self) -> None:
+        self._nonces.reset_all()
+
+    def __init__(
+        self,
+        rpc_url: str,
+        *,
+        timeout_s: float = 10.0,
+        poll_interval_s: float = 0.005,
+        max_attempts: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.rpc_url = rpc_url
+        self.poll_interval_s = poll_interval_s
+        self._attempts = max_attempts
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(3.0, timeout_s)),
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            headers={"content-type": "application/json"},
+        )
+        self._ids = itertools.count(1)
+        self._nonces = _NonceAllocator()
+        self._chain_id: int | None = None
+        self._gas_price: tuple[float, int] | None = None
+        self._gas_lock = threading.Lock()
+        self._receipts: _ReceiptWatcher | None = None
+        self._domains: dict[str, tuple[str, str]] = {}
+        ChainClient._instances.add(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ JSON-RPC
+
+    def rpc(self, method: str, params: list[Any]) -> Any:
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+
+        def once() -> httpx.Response:
+            return self._http.post(self.rpc_url, json=body)
+
+        try:
+            response = call_with_retries(
+                once, retry_on=(httpx.TransportError,), attempts=self._attempts, base=0.1, cap=1.0
+            )
+        except httpx.TransportError as exc:
+            raise RpcError(
+                f"RPC {method} unreachable after {self._attempts} attempts: {type(exc).__name__}",
+                rpc_method=method,
+            ) from exc
+        if response.status_code != 200:
+            raise RpcError(f"RPC {method} answered HTTP {response.status_code}", rpc_method=method)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise RpcError(f"RPC {method} answered non-JSON", rpc_method=method) from exc
+        if data.get("error"):
+            err = data["error"]
+            message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            raise RpcError(f"RPC {method} failed: {message}", rpc_method=method, retryable=False)
+        return data.get("result")
+
+    def rpc_batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """Several calls in one HTTP round trip (JSON-RPC batch); results in call order."""
+        if not calls:
+            return []
+        body = [
+            {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
+            for i, (method, params) in enumerate(calls)
+        ]
+
+        def once() -> httpx.Response:
+            return self._http.post(self.rpc_url, json=body)
+
+        try:
+            response = call_with_retries(
+                once, retry_on=(httpx.TransportError,), attempts=self._attempts, base=0.1, cap=1.0
+            )
+        except httpx.TransportError as exc:
+            raise RpcError(f"RPC batch unreachable: {type(exc).__name__}") from exc
+        data = response.json()
+        if not isinstance(data, list):
+            raise RpcError("RPC batch answered a non-list", retryable=False)
+        by_id = {item.get("id"): item for item in data if isinstance(item, dict)}
+        results = []
+        for i, (method, _) in enumerate(calls):
+            item = by_id.get(i) or {}
+            if item.get("error"):
+                message = (
+                    item["error"].get("message", "") if isinstance(item["error"], dict) else ""
+                )
+                raise RpcError(
+                    f"RPC {method} failed: {message}", rpc_method=method, retryable=False
+                )
+            results.append(item.get("result"))
+        return results
+
+    # ------------------------------------------------------------------ reads
+
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = int(self.rpc("eth_chainId", []), 16)
+        return self._chain_id
+
+    def block_number(self) -> int:
+        return int(self.rpc("eth_blockNumber", []), 16)
+
+    def latest_block_timestamp(self) -> int:
+        block = self.rpc("eth_getBlockByNumber", ["latest", False])
+        return int(block["timestamp"], 16)
+
+    def native_balance(self, address: str) -> int:
+        return int(self.rpc("eth_getBalance", [to_checksum_address(address), "latest"]), 16)
+
+    def eth_call(self, to: str, data: str) -> str:
+        result = self.rpc("eth_call", [{"to": to_checksum_address(to), "data": data}, "latest"])
+        return str(result)
+
+    def token_balance(self, asset: str, owner: str) -> int:
+        data = abi.call_data(abi.BALANCE_OF, ["address"], [to_checksum_address(owner)])
+        value = abi.decode_one("uint256", self.eth_call(asset, data))
+        assert isinstance(value, int)
+        return value
+
+    def authorization_state(self, asset: str, authorizer: str, nonce: str) -> bool:
+        data = abi.call_data(
+            abi.AUTHORIZATION_STATE,
+            ["address", "bytes32"],
+            [to_checksum_address(authorizer), bytes.fromhex(nonce.removeprefix("0x"))],
+        )
+        return bool(abi.decode_one("bool", self.eth_call(asset, data)))
+
+    def authorization_and_balance(
+        self, asset: str, authorizer: str, nonce: str
+    ) -> tuple[bool, int]:
+        """Both verification reads in one round trip."""
+        owner = to_checksum_address(authorizer)
+        state = abi.call_data(
+            abi.AUTHORIZATION_STATE,
+            ["address", "bytes32"],
+            [owner, bytes.fromhex(nonce.removeprefix("0x"))],
+        )
+        balance = abi.call_data(abi.BALANCE_OF, ["address"], [owner])
+        to = to_checksum_address(asset)
+        used, amount = self.rpc_batch(
+            [
+                ("eth_call", [{"to": to, "data": state}, "latest"]),
+                ("eth_call", [{"to": to, "data": balance}, "latest"]),
+            ]
+        )
+        value = abi.decode_one("uint256", str(amount))
+        assert isinstance(value, int)
+        return bool(abi.decode_one("bool", str(used))), value
+
+    # The verifier's TokenStateReader protocol.
+    def balance_of(self, asset: str, owner: str) -> int:
+        return self.token_balance(asset, owner)
+
+    def authorization_used(self, asset: str, authorizer: str, nonce: str) -> bool:
+        return self.authorization_state(asset, authorizer, nonce)
+
+    def token_domain(self, asset: str) -> tuple[str, str]:
+        """The token's EIP-712 name and version, read from the contract once and cached
+        (a deployed token's domain does not change)."""
+        key = asset.lower()
+        cached = self._domains.get(key)
+        if cached is not None:
+            return cached
+        name = abi.decode_one("string", self.eth_call(asset, "0x" + abi.NAME.hex()))
+        version = abi.decode_one("string", self.eth_call(asset, "0x" + abi.VERSION.hex()))
+        self._domains[key] = (str(name), str(version))
+        return self._domains[key]
+
+    # ------------------------------------------------------------------ transactions
+
+    def _gas_price_now(self) -> int:
+        with self._gas_lock:
+            now = time.monotonic()
+            if self._gas_price is None or now - self._gas_price[0] > 5.0:
+                self._gas_price = (now, int(self.rpc("eth_gasPrice", []), 16))
+            return self._gas_price[1]
+
+    def send_transaction(
+        self, signer: LocalAccount, to: str | None, data: str, *, gas: int = 200_000, value: int = 0
+    ) -> str:
+        """Sign locally and broadcast; returns the transaction hash."""
+        sender = signer.address
+        for attempt in range(3):
+            nonce = self._nonces.take(
+                sender, lambda a: int(self.rpc("eth_getTransactionCount", [a, "pending"]), 16)
+            )
+            tx: dict[str, Any] = {
+                "nonce": nonce,
+                "gas": gas,
+                "gasPrice": self._gas_price_now() * 2,
+                "value": value,
+                "data": data,
+                "chainId": self.chain_id(),
+            }
+            if to is not None:
+                tx["to"] = to_checksum_address(to)
+            raw = signer.sign_transaction(tx).raw_transaction
+            try:
+                return str(self.rpc("eth_sendRawTransaction", ["0x" + raw.hex()]))
+            except RpcError as exc:
+                lowered = exc.detail.lower()
+                if "nonce" in lowered and attempt < 2:
+                    self._nonces.reset(sender)
+                    continue
+                raise
+        raise RpcError("could not find a usable nonce", sender=sender)
+
+    def get_receipt(self, tx_hash: str) -> Receipt | None:
+        raw = self.rpc("eth_getTransactionReceipt", [tx_hash])
+        if raw is None:
+            return None
+        return self._parse_receipt(tx_hash, raw)
+
+    def wait_for_receipt(
+        self, tx_hash: str, *, timeout_s: float = 30.0, poll_interval_s: float | None = None
+    ) -> Receipt:
+        """Wait for a receipt. Concurrent waiters share one poller that asks for every pending
+        receipt in a single batch per tick, so N waiting threads cost one request, not N."""
+        receipt = self.get_receipt(tx_hash)
+        if receipt is not None:
+            return receipt
+        waiter = self._watcher().watch(tx_hash)
+        if not waiter.done.wait(timeout_s):
+            self._watcher().forget(tx_hash)
+            raise RpcError(f"no receipt for {tx_hash} within {timeout_s:g}s", tx_hash=tx_hash)
+        assert waiter.receipt is not None
+        return waiter.receipt
+
+    def _watcher(self) -> _ReceiptWatcher:
+        with self._gas_lock:
+            if self._receipts is None:
+                self._receipts = _ReceiptWatcher(self)
+            return self._receipts
+
+    @staticmethod
+    def _parse_receipt(tx_hash: str, raw: dict[str, Any]) -> Receipt:
+        return Receipt(
+            tx_hash=tx_hash,
+            status=int(raw["status"], 16),
+            block_number=int(raw["blockNumber"], 16),
+            logs=list(raw.get("logs") or []),
+            gas_used=int(raw.get("gasUsed", "0x0"), 16),
+        )
+
+    def send_transfer_with_authorization(
+        self,
+        asset: str,
+        *,
+        from_: str,
+        to: str,
+        value: int,
+        valid_after: int,
+        valid_before: int,
+        nonce: str,
+        signature: bytes,
+        gas_key: LocalAccount,
+        form: str = "bytes",
+    ) -> str:
+        data = abi.transfer_with_authorization_data(
+            to_checksum_address(from_),
+            to_checksum_address(to),
+            value,
+            valid_after,
+            valid_before,
+            bytes.fromhex(nonce.removeprefix("0x")),
+            signature,
+            form,
+        )
+        return self.send_transaction(gas_key, asset, data, gas=150_000)
+
+    def simulate_transfer_with_authorization(
+        self,
+        asset: str,
+        *,
+        from_: str,
+        to: str,
+        value: int,
+        valid_after: int,
+        valid_before: int,
+        nonce: str,
+        signature: bytes,
+        sender: str,
+    ) -> str | None:
+        """``None`` when the call would succeed, else the node's revert message."""
+        data = abi.transfer_with_authorization_data(
+            to_checksum_address(from_),
+            to_checksum_address(to),
+            value,
+            valid_after,
+            valid_before,
+            bytes.fromhex(nonce.removeprefix("0x")),
+            signature,
+        )
+        try:
+            self.rpc(
+                "eth_call",
+                [{"from": to_checksum_address(sender), "to": asset, "data": data}, "latest"],
+            )
+        except RpcError as exc:
+            return exc.detail
+        return None
+
+    def token_transfers(self, receipt: Receipt, asset: str | None = None) -> list[Transfer]:
+        found = []
+        for log in receipt.logs:
+            topics = log.get("topics") or []
+            if not topics or topics[0] != abi.TRANSFER_TOPIC or len(topics) < 3:
+                continue
+            token = to_checksum_address(log["address"])
+            if asset is not None and token.lower() != asset.lower():
+                continue
+            found.append(
+                Transfer(
+                    token=token,
+                    from_=abi.topic_address(topics[1]),
+                    to=abi.topic_address(topics[2]),
+                    value=int(log["data"], 16),
+                    log_index=int(log["logIndex"], 16),
+                )
+            )
+        return found
+
+    def find_token_transfers(self, tx_hash: str, asset: str | None = None) -> list[Transfer]:
+        receipt = self.get_receipt(tx_hash)
+        return [] if receipt is None else self.token_transfers(receipt, asset)
+
+    def confirmations(self, tx_hash: str) -> int:
+        receipt = self.get_receipt(tx_hash)
+        if receipt is None:
+            return 0
+        return self.block_number() - receipt.block_number + 1
+
+    def find_authorization_tx(self, asset: str, authorizer: str, nonce: str) -> str | None:
+        """The transaction that used ``nonce`` (from the ``AuthorizationUsed`` log), if any."""
+        logs = self.rpc(
+            "eth_getLogs",
+            [
+                {
+                    "address": to_checksum_address(asset),
+                    "fromBlock": "0x0",
+                    "toBlock": "latest",
+                    "topics": [
+                        abi.AUTHORIZATION_USED_TOPIC,
+                        abi.address_topic(authorizer),
+                        "0x" + nonce.removeprefix("0x").rjust(64, "0"),
+                    ],
+                }
+            ],
+        )
+        return str(logs[0]["transactionHash"]) if logs else None
+
+    def deploy(self, signer: LocalAccount, bytecode_and_args: str, gas: int = 3_000_000) -> str:
+        tx_hash = self.send_transaction(signer, None, bytecode_and_args, gas=gas)
+        receipt = self.wait_for_receipt(tx_hash)
+        if receipt.status != 1:
+            raise TransactionReverted(f"deployment {tx_hash} reverted", tx_hash=tx_hash)
+        raw = self.rpc("eth_getTransactionReceipt", [tx_hash])
+        return to_checksum_address(raw["contractAddress"])

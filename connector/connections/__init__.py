@@ -1,0 +1,1 @@
+"""Connections: a customer's x402 credentials, stored through the vault."""

@@ -1,0 +1,127 @@
+"""Input and public views of a connection. Secrets are write-only: views carry hints and flags."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from connector.policy.rules import SpendingPolicy
+from connector.x402.errors import UnknownNetwork
+from connector.x402.networks import to_caip2
+
+_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_WHSEC = re.compile(r"^whsec_[A-Za-z0-9+/=]{24,}$")
+
+
+def _check_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("must not contain credentials; use the apiKey field")
+    return value
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("network", check_fields=False)
+    @classmethod
+    def _network(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return to_caip2(value)
+        except UnknownNetwork as exc:
+            raise ValueError(exc.detail) from exc
+
+    @field_validator("rpc_url", "facilitator_url", "webhook_url", check_fields=False)
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+    @field_validator("private_key", check_fields=False)
+    @classmethod
+    def _private_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _KEY.match(value.get_secret_value()):
+            raise ValueError("must be 32 bytes of hex (64 hex digits, optional 0x)")
+        if value is not None and int(value.get_secret_value().removeprefix("0x"), 16) == 0:
+            raise ValueError("is not a valid secp256k1 private key")
+        return value
+
+    @field_validator("webhook_secret", check_fields=False)
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _WHSEC.match(value.get_secret_value()):
+            raise ValueError("must look like whsec_<base64, at least 24 chars>")
+        return value
+
+    @field_validator("asset", check_fields=False)
+    @classmethod
+    def _asset(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDRESS.match(value):
+            raise ValueError("must be a 0x-address")
+        return value
+
+
+class ConnectionCreate(_Base):
+    name: str = Field(min_length=1, max_length=120)
+    network: str = Field(max_length=64, description="CAIP-2 (eip155:84532) or v1 name.")
+    rpc_url: str = Field(max_length=2048)
+    facilitator_url: str = Field(max_length=2048)
+    asset: str | None = Field(default=None, description="Default token; default: network USDC.")
+    api_key: SecretStr | None = Field(default=None, max_length=512, description="Write-only.")
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Write-only; generated (and shown once) when omitted."
+    )
+    private_key: SecretStr | None = Field(
+        default=None, description="Write-only wallet key; a new wallet is generated if omitted."
+    )
+    capture_default: Literal["automatic", "manual"] = "automatic"
+    policy: SpendingPolicy = Field(default_factory=SpendingPolicy)
+
+
+class ConnectionUpdate(_Base):
+    name: str | None = Field(default=None, min_length=1, max_length=120)
+    network: str | None = Field(default=None, max_length=64)
+    rpc_url: str | None = Field(default=None, max_length=2048)
+    facilitator_url: str | None = Field(default=None, max_length=2048)
+    asset: str | None = None
+    api_key: SecretStr | None = Field(default=None, max_length=512)
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    capture_default: Literal["automatic", "manual"] | None = None
+    policy: SpendingPolicy | None = None
+
+
+class ConnectionView(BaseModel):
+    id: str
+    object: Literal["connection"] = "connection"
+    name: str
+    network: str
+    rpc_url: str
+    facilitator_url: str
+    asset: str | None
+    has_api_key: bool
+    api_key_hint: str | None
+    webhook_url: str | None
+    has_webhook_secret: bool
+    webhook_secret_rotating_until: str | None
+    wallet_address: str
+    capture_default: str
+    policy: dict[str, Any]
+    created_at: str
+    updated_at: str
+
+
+class ConnectionCreated(ConnectionView):
+    webhook_secret_once: str | None = Field(
+        default=None,
+        description="The generated webhook signing secret, shown only in this response.",
+    )

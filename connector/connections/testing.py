@@ -1,0 +1,118 @@
+"""The "test connection" service: check each credential and report every check separately.
+
+Checks: facilitator ``/supported`` with the apiKey (and that it supports the network), RPC chain
+id matches the network, wallet balance readable, and the webhook URL accepts a signed ping.
+Each check has its own timeout; one failing does not stop the others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+from pydantic import BaseModel
+
+import connector.payments.protocol as proto
+from connector.connections import service as connections
+from connector.errors import ConnectorError
+from connector.events.outbox import record_event
+from connector.ids import new_id
+from connector.payments.context_loader import load_connection
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.webhooks.signing import headers_for
+from connector.webhooks.ssrf import GuardedTransport
+from connector.x402.networks import chain_id_of, to_v1_name
+
+
+class CheckResult(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+    latency_ms: int
+
+
+class ConnectionTestReport(BaseModel):
+    connection_id: str
+    ok: bool
+    checks: list[CheckResult]
+
+
+def _timed(name: str, check: Callable[[], str]) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        detail, ok = check(), True
+    except ConnectorError as exc:
+        detail, ok = exc.detail, False
+    except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+        detail, ok = f"{type(exc).__name__}: {exc}"[:300], False
+    return CheckResult(
+        name=name, ok=ok, detail=detail, latency_ms=int((time.perf_counter() - start) * 1000)
+    )
+
+
+def run_connection_test(rt: Runtime, connection_id: str) -> ConnectionTestReport:
+    ctx = load_connection(rt, connection_id)
+    with UnitOfWork(rt.engine) as uow:
+        conn = connections.get(uow.session, connection_id)
+    settings = rt.settings
+
+    def facilitator() -> str:
+        supported = rt.facilitator(ctx.facilitator_url, ctx.api_key()).supported()
+        networks = {str(k.get("network")) for k in supported["kinds"] if isinstance(k, dict)}
+        wanted = {ctx.network, to_v1_name(ctx.network)}
+        if not networks & wanted and not any(n.endswith(":*") for n in networks):
+            raise ValueError(f"facilitator does not list {ctx.network} (lists {sorted(networks)})")
+        return f"reachable; supports {ctx.network}"
+
+    def rpc() -> str:
+        got = rt.chain(ctx.rpc_url).chain_id()
+        expected = chain_id_of(ctx.network)
+        if got != expected:
+            raise ValueError(f"RPC is chain {got}, connection network is chain {expected}")
+        return f"chain id {got}"
+
+    def balance() -> str:
+        asset, _, _ = proto.asset_for(rt, ctx, ctx.network, None)
+        value = rt.chain(ctx.rpc_url).token_balance(asset, ctx.wallet_address)
+        return f"{value} atomic units of {asset} at {ctx.wallet_address}"
+
+    def webhook() -> str:
+        if not conn.webhook_url:
+            return "no webhook URL configured (skipped)"
+        body = json.dumps({"type": "webhook.test", "data": {"ping": True}}).encode()
+        msg_id = new_id("evt")
+        stamp = int(datetime.now(UTC).timestamp())
+        headers = headers_for(connections.webhook_secrets(rt.vault, conn), msg_id, stamp, body)
+        transport = GuardedTransport(allow_loopback=settings.webhook_allow_loopback)
+        with httpx.Client(transport=transport, timeout=settings.webhook_timeout_s) as client:
+            response = client.post(
+                conn.webhook_url,
+                content=body,
+                headers={**headers, "content-type": "application/json"},
+            )
+        if not 200 <= response.status_code < 300:
+            raise ValueError(f"webhook answered HTTP {response.status_code}")
+        return f"HTTP {response.status_code}"
+
+    checks = [
+        _timed("facilitator", facilitator),
+        _timed("rpc", rpc),
+        _timed("wallet_balance", balance),
+        _timed("webhook", webhook),
+    ]
+    report = ConnectionTestReport(
+        connection_id=connection_id, ok=all(c.ok for c in checks), checks=checks
+    )
+    with UnitOfWork(rt.engine) as uow:
+        record_event(
+            uow.session,
+            "connection.test_succeeded" if report.ok else "connection.test_failed",
+            connection_id,
+            {"report": report.model_dump()},
+        )
+        uow.commit()
+    return report

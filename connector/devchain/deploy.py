@@ -1,0 +1,138 @@
+"""Deploy DevUSD and fund accounts: the dev chain's one-call setup.
+
+The token's EIP-712 domain is ("Dev USD", "2"), deliberately not "USD Coin", and it lives on
+chain id 31337 at whatever address the deployment gives — never a real USDC address.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from eth_abi.abi import encode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from connector.chain import abi
+from connector.chain.client import ChainClient, TransactionReverted
+from connector.devchain.anvil import DEV_CHAIN_ID, DEV_MNEMONIC, Anvil
+
+ARTIFACT = Path(__file__).parent / "artifacts" / "DevUSD.json"
+TOKEN_NAME = "Dev USD"
+TOKEN_SYMBOL = "dUSD"
+TOKEN_VERSION = "2"
+DEV_NETWORK = f"eip155:{DEV_CHAIN_ID}"
+
+
+@lru_cache(maxsize=1)
+def load_artifact() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(ARTIFACT.read_text())
+    return data
+
+
+def dev_accounts(count: int = 20) -> list[LocalAccount]:
+    """anvil's accounts for the default mnemonic (public test keys; never hold real value)."""
+    Account.enable_unaudited_hdwallet_features()
+    return [
+        Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
+        for i in range(count)
+    ]
+
+
+@dataclass
+class DevChainInfo:
+    rpc_url: str
+    chain_id: int
+    network: str
+    token: str
+    token_name: str
+    token_version: str
+    decimals: int
+    minter: str
+    funded: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> DevChainInfo:
+        return cls(**json.loads(path.read_text()))
+
+
+def deploy_dev_token(
+    client: ChainClient,
+    deployer: LocalAccount,
+    *,
+    name: str = TOKEN_NAME,
+    symbol: str = TOKEN_SYMBOL,
+    version: str = TOKEN_VERSION,
+) -> str:
+    args = encode(["string", "string", "string"], [name, symbol, version]).hex()
+    return client.deploy(deployer, load_artifact()["bytecode"] + args)
+
+
+def mint(client: ChainClient, token: str, minter: LocalAccount, to: str, amount: int) -> str:
+    data = abi.call_data(abi.MINT, ["address", "uint256"], [to, amount])
+    tx = client.send_transaction(minter, token, data, gas=100_000)
+    receipt = client.wait_for_receipt(tx)
+    if receipt.status != 1:
+        raise TransactionReverted(f"mint to {to} reverted", tx_hash=tx)
+    return tx
+
+
+def setup_dev_token(
+    client: ChainClient,
+    *,
+    fund: list[str] | None = None,
+    amount: int = 1_000_000 * 10**6,
+    minter: LocalAccount | None = None,
+) -> DevChainInfo:
+    """Deploy DevUSD with account 0 as minter and mint ``amount`` to every address in ``fund``."""
+    minter = minter or dev_accounts(1)[0]
+    token = deploy_dev_token(client, minter)
+    hashes = [
+        client.send_transaction(
+            minter, token, abi.call_data(abi.MINT, ["address", "uint256"], [a, amount]), gas=100_000
+        )
+        for a in (fund or [])
+    ]
+    for tx in hashes:
+        if client.wait_for_receipt(tx).status != 1:
+            raise TransactionReverted("funding mint reverted", tx_hash=tx)
+    return DevChainInfo(
+        rpc_url=client.rpc_url,
+        chain_id=client.chain_id(),
+        network=f"eip155:{client.chain_id()}",
+        token=token,
+        token_name=TOKEN_NAME,
+        token_version=TOKEN_VERSION,
+        decimals=6,
+        minter=minter.address,
+        funded=list(fund or []),
+    )
+
+
+def start_devchain(
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    fund_count: int = 10,
+    state_file: Path | None = None,
+) -> tuple[Anvil, DevChainInfo]:
+    """Start anvil, deploy DevUSD and fund the first ``fund_count`` dev accounts."""
+    node = Anvil(host=host, port=port).start()
+    client = ChainClient(node.rpc_url)
+    try:
+        info = setup_dev_token(client, fund=[a.address for a in dev_accounts(fund_count)])
+    except Exception:
+        node.stop()
+        raise
+    finally:
+        client.close()
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(info.to_json())
+    return node, info

@@ -1,0 +1,95 @@
+"""The connector's exception hierarchy.
+
+Every error the domain raises on purpose is a :class:`ConnectorError` with a stable ``code``.
+The API maps ``code`` to an RFC 9457 problem ``type`` and ``status`` to the HTTP status, so the
+edge never needs to know which module raised what.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConnectorError(Exception):
+    """Base of every deliberate error; ``code`` is stable and documented."""
+
+    code: str = "internal_error"
+    status: int = 500
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, **context: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.context = context
+
+
+class ValidationFailed(ConnectorError):
+    """Input broke a rule; ``field`` names what to fix."""
+
+    code = "validation_failed"
+    status = 422
+    title = "Validation failed"
+
+    def __init__(self, detail: str, field: str | None = None, **context: Any) -> None:
+        super().__init__(detail, field=field, **context)
+        self.field = field
+
+
+class NotFound(ConnectorError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Conflict(ConnectorError):
+    """The request is valid but contradicts the current state (HTTP 409)."""
+
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class IllegalTransition(Conflict):
+    """A payment was asked to move along an edge the state machine does not have."""
+
+    code = "illegal_transition"
+    title = "Illegal state transition"
+
+
+class ConcurrentUpdate(Conflict):
+    """Optimistic locking lost a race; the caller may reload and retry."""
+
+    code = "concurrent_update"
+    title = "Concurrent update"
+
+
+class PolicyRefused(ConnectorError):
+    """The spending policy said no; ``rule`` names the rule that refused."""
+
+    code = "policy_refused"
+    status = 403
+    title = "Refused by spending policy"
+
+    def __init__(self, detail: str, rule: str, **context: Any) -> None:
+        super().__init__(detail, rule=rule, **context)
+        self.rule = rule
+
+
+class UnsafeURL(ConnectorError):
+    """An outbound URL points somewhere the SSRF guard forbids."""
+
+    code = "unsafe_url"
+    status = 422
+    title = "Unsafe outbound URL"
+
+
+class ExternalServiceError(ConnectorError):
+    """A facilitator, RPC node or webhook target failed or timed out."""
+
+    code = "external_service_error"
+    status = 502
+    title = "External service error"
+
+    def __init__(self, detail: str, retryable: bool = True, **context: Any) -> None:
+        super().__init__(detail, retryable=retryable, **context)
+        self.retryable = retryable

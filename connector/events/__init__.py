@@ -1,0 +1,1 @@
+"""Domain events: the catalogue and the transactional outbox."""

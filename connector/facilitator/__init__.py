@@ -1,0 +1,1 @@
+"""Facilitators: the HTTP client for remote ones and the local one for the dev chain."""

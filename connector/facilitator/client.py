@@ -1,0 +1,115 @@
+"""HTTP client for any spec-conforming x402 facilitator (``/verify``, ``/settle``, ``/supported``).
+
+Transport failures (connection refused, timeouts) are retried with backoff; answers are not: a
+4xx or 5xx is reported at once as a :class:`FacilitatorError` with the status and a bounded
+excerpt of the body. Retrying ``/settle`` after a timeout is safe because a settlement is bound to
+the EIP-3009 nonce: a facilitator either returns the first transaction or the chain refuses the
+reused nonce; money cannot move twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from connector.errors import ExternalServiceError
+from connector.retry import call_with_retries
+
+_EXCERPT = 500
+
+
+class FacilitatorError(ExternalServiceError):
+    code = "facilitator_error"
+    title = "Facilitator error"
+
+
+class FacilitatorClient:
+    """Synchronous client; one instance per facilitator URL and API key, safe across threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 15.0,
+        max_attempts: int = 3,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"accept": "application/json", "user-agent": "x402-connector"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._attempts = max_attempts
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FacilitatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        def once() -> httpx.Response:
+            return self._http.request(method, path, json=body)
+
+        try:
+            response = call_with_retries(
+                once, retry_on=(httpx.TransportError,), attempts=self._attempts
+            )
+        except httpx.TransportError as exc:
+            raise FacilitatorError(
+                f"facilitator {self.base_url}{path} unreachable after {self._attempts} attempts: "
+                f"{type(exc).__name__}",
+                url=self.base_url + path,
+            ) from exc
+        if response.status_code >= 400:
+            raise FacilitatorError(
+                f"facilitator {path} answered HTTP {response.status_code}: "
+                f"{response.text[:_EXCERPT]}",
+                status_code=response.status_code,
+                retryable=response.status_code >= 500 or response.status_code == 429,
+            )
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise FacilitatorError(
+                f"facilitator {path} answered non-JSON: {response.text[:_EXCERPT]}"
+            ) from exc
+
+    @staticmethod
+    def _body(payload: dict[str, Any], requirements: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "x402Version": int(payload.get("x402Version", 1)),
+            "paymentPayload": payload,
+            "paymentRequirements": requirements,
+        }
+
+    def supported(self) -> dict[str, Any]:
+        result = self._request("GET", "/supported")
+        if not isinstance(result, dict) or not isinstance(result.get("kinds"), list):
+            raise FacilitatorError("facilitator /supported answer has no 'kinds' list")
+        return result
+
+    def verify(self, payload: dict[str, Any], requirements: dict[str, Any]) -> dict[str, Any]:
+        """Wire-format payload and requirements in; ``{isValid, invalidReason?, payer?}`` out."""
+        result = self._request("POST", "/verify", self._body(payload, requirements))
+        if not isinstance(result, dict) or not isinstance(result.get("isValid"), bool):
+            raise FacilitatorError("facilitator /verify answer has no boolean 'isValid'")
+        return result
+
+    def settle(self, payload: dict[str, Any], requirements: dict[str, Any]) -> dict[str, Any]:
+        """``{success, errorReason?, transaction, network, payer?}``; safe to call again."""
+        result = self._request("POST", "/settle", self._body(payload, requirements))
+        if not isinstance(result, dict) or not isinstance(result.get("success"), bool):
+            raise FacilitatorError("facilitator /settle answer has no boolean 'success'")
+        return result

@@ -1,0 +1,200 @@
+"""A local x402 facilitator for the dev chain: ``/verify``, ``/settle``, ``/supported``.
+
+It verifies with our own exact-EVM verifier and settles by submitting
+``transferWithAuthorization`` from a gas key. Settlement is idempotent per authorization
+``(asset, payer, nonce)``: concurrent or repeated settles of the same authorization share one
+transaction, and a nonce already used on-chain is reported before anything is sent. Many threads
+may settle at once; the chain client hands out the gas key's transaction nonces.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+
+from connector.chain.client import ChainClient, RpcError
+from connector.logs import get_logger
+from connector.x402 import exact_evm as exact
+from connector.x402 import fields as f
+from connector.x402.codec import parse_payment_payload
+from connector.x402.errors import MalformedPayment
+from connector.x402.networks import to_v1_name
+from connector.x402.requirement import requirement_from_wire
+
+log = get_logger(__name__)
+
+REQUIREMENTS_MISMATCH = "invalid_payment_requirements"
+TRANSACTION_FAILED = "transaction_failed"
+SETTLEMENT_PENDING = "settlement_pending"
+UNSUPPORTED_ASSET = "invalid_exact_evm_asset_mismatch"
+
+
+@dataclass
+class _Settlement:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    tx_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    version: int
+    payment: Any
+    requirement: Any
+
+
+class LocalFacilitator:
+    def __init__(
+        self,
+        chain: ChainClient,
+        gas_key: LocalAccount,
+        *,
+        network: str,
+        assets: set[str] | None = None,
+        receipt_timeout_s: float = 10.0,
+        remember: int = 100_000,
+    ) -> None:
+        self.chain = chain
+        self.gas_key = gas_key
+        self.network = network
+        self.assets = {a.lower() for a in assets} if assets else None
+        self.receipt_timeout_s = receipt_timeout_s
+        self._remember = remember
+        self._lock = threading.Lock()
+        self._settlements: OrderedDict[tuple[str, str, str], _Settlement] = OrderedDict()
+
+    # ------------------------------------------------------------------ parsing
+
+    def _parse(self, body: Any) -> _Parsed:
+        d = f.obj(body, "body")
+        payment = parse_payment_payload(d.get("paymentPayload"), "paymentPayload")
+        requirement = requirement_from_wire(
+            d.get("paymentRequirements"), payment.version, "paymentRequirements"
+        )
+        return _Parsed(payment.version, payment, requirement)
+
+    def supported(self) -> dict[str, Any]:
+        return {
+            "kinds": [
+                {"x402Version": 2, "scheme": "exact", "network": self.network},
+                {"x402Version": 1, "scheme": "exact", "network": to_v1_name(self.network)},
+            ],
+            "extensions": [],
+            "signers": {"eip155:*": [self.gas_key.address]},
+        }
+
+    # ------------------------------------------------------------------ verify
+
+    def _verify_parsed(self, parsed: _Parsed, now: int | None = None) -> exact.VerificationResult:
+        payment, requirement = parsed.payment, parsed.requirement
+        payer = payment.payer
+        if payment.accepted is not None and not payment.accepted.same_offer(requirement):
+            return exact.VerificationResult(False, REQUIREMENTS_MISMATCH, payer)
+        if requirement.network != self.network:
+            return exact.VerificationResult(False, exact.NETWORK_MISMATCH, payer)
+        if self.assets is not None and requirement.asset.lower() not in self.assets:
+            return exact.VerificationResult(False, UNSUPPORTED_ASSET, payer)
+        return exact.verify_exact(
+            payment.payload,
+            requirement,
+            self.chain,
+            scheme=payment.scheme,
+            network=payment.network,
+            now=now,
+        )
+
+    def verify(self, body: Any) -> dict[str, Any]:
+        """Raises :class:`MalformedPayment` for a malformed request (HTTP 400)."""
+        return self._verify_parsed(self._parse(body)).to_wire()
+
+    # ------------------------------------------------------------------ settle
+
+    def settle(self, body: Any) -> dict[str, Any]:
+        parsed = self._parse(body)
+        auth = parsed.payment.payload.authorization
+        key = (parsed.requirement.asset.lower(), auth.from_.lower(), auth.nonce)
+        with self._lock:
+            entry = self._settlements.get(key)
+            owner = entry is None
+            if entry is None:
+                entry = _Settlement()
+                self._settlements[key] = entry
+                while len(self._settlements) > self._remember:
+                    self._settlements.popitem(last=False)
+        if not owner:
+            entry.done.wait(self.receipt_timeout_s + 5)
+            if entry.result is not None and entry.result.get("errorReason") != SETTLEMENT_PENDING:
+                return entry.result
+            if entry.tx_hash:
+                return self._finish(parsed, entry, entry.tx_hash)
+            return self._failure(parsed, SETTLEMENT_PENDING)
+        try:
+            entry.result = self._settle_once(parsed, entry)
+        except Exception:
+            with self._lock:  # let a later attempt try again from scratch
+                self._settlements.pop(key, None)
+            raise
+        finally:
+            entry.done.set()
+        if not entry.result.get("success") and entry.tx_hash is None:
+            with self._lock:  # nothing was sent: a corrected retry may settle later
+                self._settlements.pop(key, None)
+        return entry.result
+
+    def _failure(self, parsed: _Parsed, reason: str, tx: str = "") -> dict[str, Any]:
+        return {
+            "success": False,
+            "errorReason": reason,
+            "payer": parsed.payment.payer,
+            "transaction": tx,
+            "network": self._wire_network(parsed),
+        }
+
+    def _wire_network(self, parsed: _Parsed) -> str:
+        return to_v1_name(self.network) if parsed.version == 1 else self.network
+
+    def _settle_once(self, parsed: _Parsed, entry: _Settlement) -> dict[str, Any]:
+        verdict = self._verify_parsed(parsed)
+        if not verdict.is_valid:
+            return self._failure(parsed, verdict.reason or "invalid")
+        auth = parsed.payment.payload.authorization
+        tx_hash = self.chain.send_transfer_with_authorization(
+            parsed.requirement.asset,
+            from_=auth.from_,
+            to=auth.to,
+            value=auth.value,
+            valid_after=auth.valid_after,
+            valid_before=auth.valid_before,
+            nonce=auth.nonce,
+            signature=parsed.payment.payload.signature,
+            gas_key=self.gas_key,
+        )
+        entry.tx_hash = tx_hash
+        return self._finish(parsed, entry, tx_hash)
+
+    def _finish(self, parsed: _Parsed, entry: _Settlement, tx_hash: str) -> dict[str, Any]:
+        try:
+            receipt = self.chain.wait_for_receipt(tx_hash, timeout_s=self.receipt_timeout_s)
+        except RpcError:
+            # A receipt that never comes usually means a nonce gap (a dropped transaction):
+            # resynchronize so the next settle uses the node's view.
+            self.chain.forget_nonces()
+            log.warning("settlement pending", extra={"tx_hash": tx_hash})
+            return self._failure(parsed, SETTLEMENT_PENDING, tx_hash)
+        if receipt.status != 1:
+            return self._failure(parsed, TRANSACTION_FAILED, tx_hash)
+        result = {
+            "success": True,
+            "payer": parsed.payment.payer,
+            "transaction": tx_hash,
+            "network": self._wire_network(parsed),
+        }
+        entry.result = result
+        return result
+
+
+__all__ = ["LocalFacilitator", "MalformedPayment"]

@@ -1,0 +1,194 @@
+"""Action jobs and the ``Idempotency-Key`` contract of the action API.
+
+Semantics follow the IETF Idempotency-Key draft:
+
+* first request with a key: a job is created and the key remembered (at least 24 h);
+* same key, same body, first request finished: the same job is returned (no second action);
+* same key, same body, first request still being answered: :class:`IdempotencyInFlight` (409);
+* same key, different body: :class:`IdempotencyMismatch` (422).
+
+Keys are scoped per connection and action, so two customers can never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from connector.errors import Conflict, ConnectorError, NotFound
+from connector.ids import new_id
+from connector.storage.models.payments import IdempotencyRecord, Job
+
+IN_FLIGHT_LEASE = timedelta(minutes=5)
+
+
+class IdempotencyInFlight(Conflict):
+    code = "idempotency_in_flight"
+    title = "A request with this Idempotency-Key is still in flight"
+
+
+class IdempotencyMismatch(ConnectorError):
+    code = "idempotency_key_reused"
+    status = 422
+    title = "Idempotency-Key reused with a different request"
+
+
+def request_fingerprint(action: str, body: Any) -> str:
+    canonical = json.dumps({"action": action, "body": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobStart:
+    job: Job
+    created: bool  # False when an earlier request with the same key already made this job
+    idempotency_record_id: str | None
+
+
+def start_job(
+    session: Session,
+    *,
+    connection_id: str,
+    action: str,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    ttl: timedelta = timedelta(hours=48),
+    now: datetime | None = None,
+) -> JobStart:
+    """Create a job, or return the one an earlier request with the same key created."""
+    now = now or datetime.now(UTC)
+    if idempotency_key is None:
+        job = _new_job(session, connection_id, action, body, now)
+        return JobStart(job, True, None)
+    scope = f"{connection_id}:{action}"
+    fingerprint = request_fingerprint(action, body)
+    existing = _live_record(session, scope, idempotency_key, now)
+    if existing is not None:
+        return _replay(session, existing, fingerprint, now)
+    job = _new_job(session, connection_id, action, body, now)
+    record = IdempotencyRecord(
+        id=new_id("idem"),
+        scope=scope,
+        key=idempotency_key,
+        request_hash=fingerprint,
+        job_id=job.id,
+        in_flight=True,
+        lease_until=now + IN_FLIGHT_LEASE,
+        created_at=now,
+        expires_at=now + ttl,
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+    except IntegrityError:
+        # Another request with the same key won the race; answer as its replay would.
+        session.expunge(job)
+        winner = _live_record(session, scope, idempotency_key, now)
+        if winner is None:
+            raise
+        return _replay(session, winner, fingerprint, now)
+    return JobStart(job, True, record.id)
+
+
+def _new_job(
+    session: Session, connection_id: str, action: str, body: dict[str, Any], now: datetime
+) -> Job:
+    job = Job(
+        id=new_id("job"),
+        connection_id=connection_id,
+        action=action,
+        status="queued",
+        input=body,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def _live_record(session: Session, scope: str, key: str, now: datetime) -> IdempotencyRecord | None:
+    record = session.execute(
+        select(IdempotencyRecord).where(
+            col(IdempotencyRecord.scope) == scope, col(IdempotencyRecord.key) == key
+        )
+    ).scalar_one_or_none()
+    if record is not None and record.expires_at <= now:
+        session.delete(record)
+        session.flush()
+        return None
+    return record
+
+
+def _replay(
+    session: Session, record: IdempotencyRecord, fingerprint: str, now: datetime
+) -> JobStart:
+    if record.request_hash != fingerprint:
+        raise IdempotencyMismatch(
+            "this Idempotency-Key was first used with a different request body",
+            field="Idempotency-Key",
+        )
+    if record.in_flight and record.lease_until > now:
+        raise IdempotencyInFlight(
+            "the first request with this Idempotency-Key is still being processed; retry later"
+        )
+    job = session.get(Job, record.job_id)
+    if job is None:
+        raise NotFound(f"job {record.job_id} of this Idempotency-Key no longer exists")
+    return JobStart(job, False, record.id)
+
+
+def finish_request(session: Session, record_id: str | None) -> None:
+    """The HTTP request that owns the key has been answered: repeats may now replay it."""
+    if record_id is not None:
+        session.execute(
+            update(IdempotencyRecord)
+            .where(col(IdempotencyRecord.id) == record_id)
+            .values(in_flight=False)
+        )
+
+
+def purge_expired(session: Session, now: datetime | None = None) -> int:
+    now = now or datetime.now(UTC)
+    result = session.execute(
+        delete(IdempotencyRecord).where(col(IdempotencyRecord.expires_at) <= now)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def mark_job(
+    session: Session,
+    job: Job,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    payment_id: str | None = None,
+) -> Job:
+    job.status = status
+    job.updated_at = datetime.now(UTC)
+    if status == "running":
+        job.attempts += 1
+    if result is not None:
+        job.result = result
+    if error is not None:
+        job.error = error
+    if payment_id is not None:
+        job.payment_id = payment_id
+    session.add(job)
+    session.flush()
+    return job

@@ -1,0 +1,16 @@
+"""Prometheus metrics (exposed at ``/metrics`` by the API)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PAYMENT_TRANSITIONS = Counter(
+    "x402c_payment_transitions_total", "Payment state changes", ["state", "direction"]
+)
+ACTION_SECONDS = Histogram(
+    "x402c_action_seconds", "Action job run time", ["action", "status"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+WEBHOOK_ATTEMPTS = Counter("x402c_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
+QUEUE_DEPTH = Gauge("x402c_queue_depth", "Tasks waiting in the broker queue", ["queue"])
+PAYMENTS_BY_STATE = Gauge("x402c_payments", "Payments by state (sampled at scrape)", ["state"])

@@ -1,0 +1,1 @@
+"""Payments: the state machine, the Payment entity's transitions, and the action services."""

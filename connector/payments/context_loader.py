@@ -1,0 +1,36 @@
+"""Build a :class:`ConnectionContext` from the stored connection (secrets stay lazy)."""
+
+from __future__ import annotations
+
+from eth_account.signers.local import LocalAccount
+
+from connector.connections import service as connections
+from connector.payments.context import ConnectionContext
+from connector.policy.rules import SpendingPolicy
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+
+
+def load_connection(rt: Runtime, connection_id: str) -> ConnectionContext:
+    with UnitOfWork(rt.engine) as uow:
+        conn = connections.get(uow.session, connection_id)
+    vault = rt.vault
+
+    def account() -> LocalAccount:
+        return connections.signing_account(vault, conn)
+
+    def api_key() -> str | None:
+        return connections.api_key(vault, conn)
+
+    return ConnectionContext(
+        id=conn.id,
+        network=conn.network,
+        rpc_url=conn.rpc_url,
+        facilitator_url=conn.facilitator_url,
+        wallet_address=conn.wallet_address,
+        capture_default=conn.capture_default,
+        policy=SpendingPolicy.model_validate(conn.policy or {}),
+        _account=account,
+        _api_key=api_key,
+        extra={"asset": conn.asset},
+    )

@@ -1,0 +1,111 @@
+"""Holds and custodial escrow: ``release`` and ``void``.
+
+* Manual capture: an incoming payment waits in ``authorized`` holding the payer's signed
+  authorization. ``release`` settles it (capture); ``void`` drops it and nothing ever moves.
+* Custodial escrow: the payer paid the connection's own (escrow) wallet. ``release`` forwards the
+  funds to the beneficiary with a transfer signed by the escrow key — signed once, stored on the
+  payment, then settled — and the payment ends ``released``.
+"""
+
+from __future__ import annotations
+
+import connector.payments.protocol as proto
+from connector.errors import Conflict, NotFound
+from connector.payments.context import ConnectionContext
+from connector.payments.machine import transition, update_fields
+from connector.payments.receive import settle_incoming
+from connector.payments.states import PaymentState, check_transition
+from connector.policy import budgets
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Payment
+
+S = PaymentState
+
+
+def _load(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+    with UnitOfWork(rt.engine) as uow:
+        payment = uow.session.get(Payment, payment_id)
+    if payment is None or payment.connection_id != ctx.id:
+        raise NotFound(f"payment {payment_id} not found")
+    return payment
+
+
+def void(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+    with UnitOfWork(rt.engine) as uow:
+        payment = uow.session.get(Payment, payment_id)
+        if payment is None or payment.connection_id != ctx.id:
+            raise NotFound(f"payment {payment_id} not found")
+        transition(uow.session, payment, S.VOIDED)
+        if payment.direction == "outgoing":
+            budgets.release(uow.session, payment.id)
+        uow.commit()
+        return payment
+
+
+def release(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+    payment = _load(rt, ctx, payment_id)
+    if payment.direction != "incoming":
+        raise Conflict(f"payment {payment_id} is outgoing; only incoming holds can be released")
+    if payment.state == S.AUTHORIZED.value:
+        with UnitOfWork(rt.engine) as uow:
+            current = uow.session.get(Payment, payment_id)
+            assert current is not None
+            transition(
+                uow.session, current, S.SETTLING, settle_attempts=current.settle_attempts + 1
+            )
+            uow.commit()
+        payment = settle_incoming(rt, ctx, payment_id)
+        if not payment.custodial or payment.state != S.SETTLED.value:
+            return payment
+    if payment.state == S.SETTLING.value:
+        payment = settle_incoming(rt, ctx, payment_id)
+        if not payment.custodial or payment.state != S.SETTLED.value:
+            return payment
+    if payment.state == S.SETTLED.value and payment.custodial:
+        return _forward_to_beneficiary(rt, ctx, payment)
+    # Anything else: let the state machine explain why (409 illegal_transition).
+    check_transition(payment.id, payment.state, S.RELEASED)
+    raise Conflict(f"payment {payment_id} is not custodial; it was captured already")
+
+
+def _forward_to_beneficiary(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
+    if payment.beneficiary is None:
+        raise Conflict(f"payment {payment.id} has no beneficiary to release to")
+    if payment.release_payload is None:
+        amount = payment.amount - payment.refunded_amount
+        requirement = proto.transfer_requirement(payment, pay_to=payment.beneficiary, amount=amount)
+        signed = proto.sign_payment(ctx.account(), requirement, 2, None)
+        with UnitOfWork(rt.engine) as uow:
+            current = uow.session.get(Payment, payment.id)
+            assert current is not None
+            if current.release_payload is None:
+                update_fields(
+                    uow.session,
+                    current,
+                    release_payload={
+                        "payload": signed.wire,
+                        "requirement": proto.requirement_to_wire(requirement, 2),
+                    },
+                )
+                uow.commit()
+            payment = current
+    assert payment.release_payload is not None
+    facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
+    answer = facilitator.settle(
+        payment.release_payload["payload"], payment.release_payload["requirement"]
+    )
+    if not answer.get("success"):
+        raise Conflict(
+            f"escrow release of {payment.id} failed: {answer.get('errorReason')}",
+            payment_id=payment.id,
+        )
+    with UnitOfWork(rt.engine) as uow:
+        current = uow.session.get(Payment, payment.id)
+        assert current is not None
+        if current.state == S.SETTLED.value:
+            transition(
+                uow.session, current, S.RELEASED, release_tx_hash=str(answer.get("transaction"))
+            )
+            uow.commit()
+        return current

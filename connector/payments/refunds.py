@@ -1,0 +1,143 @@
+"""Refunds: full or partial, several allowed, never more than settled, idempotent by key.
+
+The ``exact`` scheme cannot be reversed, so a refund is a new EIP-3009 transfer from the payee's
+wallet (or the escrow's) back to the payer, settled through the same facilitator. Like a send it
+is signed once and stored on its :class:`Refund` row before the first settle attempt.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlmodel import Session, col
+
+import connector.payments.protocol as proto
+from connector.errors import Conflict, NotFound, ValidationFailed
+from connector.ids import new_id
+from connector.payments.context import ConnectionContext
+from connector.payments.machine import transition
+from connector.payments.states import PaymentState
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Payment, Refund
+
+S = PaymentState
+REFUNDABLE = {S.SETTLED.value, S.PARTIALLY_REFUNDED.value}
+
+
+def _in_flight_total(session: Session, payment_id: str) -> int:
+    rows = session.execute(
+        select(col(Refund.amount)).where(
+            col(Refund.payment_id) == payment_id, col(Refund.state).in_(("pending", "settling"))
+        )
+    ).scalars()
+    return sum(int(a) for a in rows)
+
+
+def start_refund(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment_id: str,
+    amount: int | None,
+    reason: str | None,
+    idempotency_key: str | None,
+) -> Refund:
+    """Create (or find) the refund and sign its transfer; moves the payment to ``refunding``."""
+    with UnitOfWork(rt.engine) as uow:
+        session = uow.session
+        if idempotency_key is not None:
+            found = session.execute(
+                select(Refund).where(
+                    col(Refund.payment_id) == payment_id,
+                    col(Refund.idempotency_key) == idempotency_key,
+                )
+            ).scalar_one_or_none()
+            if isinstance(found, Refund):
+                return found
+        payment = session.get(Payment, payment_id)
+        if payment is None or payment.connection_id != ctx.id:
+            raise NotFound(f"payment {payment_id} not found")
+        if payment.direction != "incoming":
+            raise Conflict(
+                f"payment {payment_id} is outgoing: only the payee can refund it",
+                payment_id=payment_id,
+            )
+        remaining = payment.amount - payment.refunded_amount - _in_flight_total(session, payment_id)
+        value = remaining if amount is None else amount
+        if remaining <= 0 or value <= 0:
+            raise Conflict(
+                f"payment {payment_id} has nothing left to refund", payment_id=payment_id
+            )
+        if value > remaining:
+            raise ValidationFailed(
+                f"refund of {value} exceeds the {remaining} still refundable", field="amount"
+            )
+        if payment.payer is None:
+            raise Conflict(f"payment {payment_id} has no known payer", payment_id=payment_id)
+        # The transition check refuses refunds of unsettled, released or in-refund payments.
+        transition(session, payment, S.REFUNDING)
+        requirement = proto.transfer_requirement(payment, pay_to=payment.payer, amount=value)
+        signed = proto.sign_payment(ctx.account(), requirement, 2, None)
+        refund = Refund(
+            id=new_id("ref"),
+            payment_id=payment_id,
+            amount=value,
+            state="pending",
+            idempotency_key=idempotency_key,
+            reason=reason,
+            nonce=signed.nonce,
+            signed_payload={
+                "payload": signed.wire,
+                "requirement": proto.requirement_to_wire(requirement, 2),
+            },
+        )
+        session.add(refund)
+        uow.commit()
+        return refund
+
+
+def settle_refund(rt: Runtime, ctx: ConnectionContext, refund_id: str) -> tuple[Refund, Payment]:
+    """Settle a pending refund with its stored authorization; safe to call again."""
+    with UnitOfWork(rt.engine) as uow:
+        refund = uow.session.get(Refund, refund_id)
+        if refund is None:
+            raise NotFound(f"refund {refund_id} not found")
+        payment = uow.session.get(Payment, refund.payment_id)
+        assert payment is not None
+        if refund.state in ("succeeded", "failed"):
+            return refund, payment
+        refund.state = "settling"
+        refund.updated_at = datetime.now(UTC)
+        uow.session.add(refund)
+        uow.commit()
+    assert refund.signed_payload is not None
+    facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
+    answer = facilitator.settle(
+        refund.signed_payload["payload"], refund.signed_payload["requirement"]
+    )
+    with UnitOfWork(rt.engine) as uow:
+        refund_row = uow.session.get(Refund, refund_id)
+        payment_row = uow.session.get(Payment, refund.payment_id)
+        assert refund_row is not None and payment_row is not None
+        if answer.get("success"):
+            refund_row.state = "succeeded"
+            refund_row.tx_hash = str(answer.get("transaction"))
+            total = payment_row.refunded_amount + refund_row.amount
+            target = S.REFUNDED if total >= payment_row.amount else S.PARTIALLY_REFUNDED
+            transition(
+                uow.session,
+                payment_row,
+                target,
+                refunded_amount=total,
+                event_extra={"refund": {"id": refund_row.id, "amount": str(refund_row.amount)}},
+            )
+        else:
+            refund_row.state = "failed"
+            refund_row.failure_reason = str(answer.get("errorReason") or "facilitator refused")
+            back = S.SETTLED if payment_row.refunded_amount == 0 else S.PARTIALLY_REFUNDED
+            transition(uow.session, payment_row, back, failure_reason=refund_row.failure_reason)
+        refund_row.updated_at = datetime.now(UTC)
+        uow.session.add(refund_row)
+        uow.commit()
+        return refund_row, payment_row

@@ -1,0 +1,389 @@
+"""The ``send`` action: pay an x402-protected URL, or pay an address directly.
+
+Two phases, each safe to repeat:
+
+1. :func:`prepare_send` decides and signs. It probes the URL (no money moves on a probe), picks
+   an offer the policy accepts, creates the payment, reserves the budget and signs ONE
+   authorization, storing it before anything uses it. Refusals end in ``rejected`` naming the
+   rule; dry-runs end in ``simulated``; large amounts wait in ``requires_approval``.
+2. :func:`execute_send` uses the stored authorization: it moves the payment to ``settling`` first
+   (so a crash is visible), then retries the paid request (or the facilitator settle) with the
+   very same authorization as often as needed. Because an EIP-3009 nonce can be used once, no
+   retry can pay twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+import connector.payments.protocol as proto
+from connector.actions.schemas import SendInput
+from connector.errors import ExternalServiceError, PolicyRefused
+from connector.ids import new_id
+from connector.logs import get_logger
+from connector.payments.context import ConnectionContext
+from connector.payments.http_fetch import Fetched, FetchFailed
+from connector.payments.machine import insert_payment, transition, update_fields
+from connector.payments.onchain import authorization_used
+from connector.payments.states import PaymentState
+from connector.policy import budgets
+from connector.policy.rules import Candidate, check_static_rules, needs_approval
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Job, Payment
+
+log = get_logger(__name__)
+S = PaymentState
+
+
+@dataclass
+class SendPrepared:
+    payment: Payment | None
+    probe: Fetched | None  # set when the URL answered without asking for payment
+
+
+def find_by_key(session: Session, connection_id: str, key: str | None) -> Payment | None:
+    if key is None:
+        return None
+    found = session.execute(
+        select(Payment).where(
+            col(Payment.connection_id) == connection_id,
+            col(Payment.direction) == "outgoing",
+            col(Payment.idempotency_key) == key,
+        )
+    ).scalar_one_or_none()
+    return found if isinstance(found, Payment) else None
+
+
+def _request_body(inp: SendInput) -> bytes | None:
+    return inp.body.encode() if inp.body is not None else None
+
+
+def prepare_send(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    inp: SendInput,
+    *,
+    idempotency_key: str | None,
+    job_id: str | None = None,
+    now: datetime | None = None,
+) -> SendPrepared:
+    with UnitOfWork(rt.engine) as uow:
+        existing = find_by_key(uow.session, ctx.id, idempotency_key)
+        if existing is not None:
+            return SendPrepared(existing, None)
+
+    resource: dict[str, Any] | None = None
+    if inp.url is not None:
+        try:
+            probe = proto.fetcher_for(rt).fetch(
+                inp.method, inp.url, headers=inp.headers, body=_request_body(inp)
+            )
+        except FetchFailed as exc:
+            # Nothing was signed yet: report at once instead of retrying a broken server.
+            raise FetchFailed(exc.detail, retryable=False, url=inp.url) from exc
+        if probe.status != 402:
+            return SendPrepared(None, probe)
+        offer = proto.parse_payment_required(probe)
+        chosen, refusal = proto.choose_requirement(offer, ctx, inp)
+        version = offer.version
+        resource = offer.resource
+    else:
+        chosen = proto.direct_requirement(rt, ctx, inp)
+        refusal = None
+        version = 2
+    requirement = chosen.requirement
+
+    now = now or datetime.now(UTC)
+    payment = Payment(
+        id=new_id("pay"),
+        connection_id=ctx.id,
+        direction="outgoing",
+        state=S.CREATED.value,
+        amount=requirement.amount,
+        asset=requirement.asset,
+        network=requirement.network,
+        payer=ctx.wallet_address,
+        payee=requirement.pay_to,
+        scheme=requirement.scheme,
+        x402_version=version,
+        resource_url=inp.url,
+        description=inp.description,
+        requirement=chosen.raw,
+        idempotency_key=idempotency_key,
+        dry_run=inp.dry_run or ctx.policy.dry_run,
+        metadata_=dict(inp.metadata) or None,
+    )
+    with UnitOfWork(rt.engine) as uow:
+        try:
+            insert_payment(uow.session, payment, now=now)
+        except IntegrityError:
+            uow.rollback()
+            again = find_by_key(uow.session, ctx.id, idempotency_key)
+            if again is None:
+                raise
+            return SendPrepared(again, None)
+        decide_and_sign(
+            uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now
+        )
+        if job_id is not None:  # link the action job in the same transaction
+            uow.session.execute(
+                update(Job).where(col(Job.id) == job_id).values(payment_id=payment.id)
+            )
+        uow.commit()
+    return SendPrepared(payment, None)
+
+
+def decide_and_sign(
+    session: Session,
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    requirement: proto.Requirement,
+    resource: dict[str, Any] | None,
+    refusal: PolicyRefused | None,
+    max_amount: str | None,
+    now: datetime,
+    *,
+    approved: bool = False,
+) -> None:
+    """Run the policy on a ``created`` (or approved) payment and sign if everything agrees."""
+    policy = ctx.policy
+    try:
+        if refusal is not None:
+            raise refusal
+        if max_amount is not None and payment.amount > int(max_amount):
+            raise PolicyRefused(
+                f"price {payment.amount} exceeds this call's max_amount {max_amount}",
+                rule="max_amount",
+            )
+        check_static_rules(
+            policy,
+            Candidate(
+                amount=payment.amount,
+                asset=payment.asset,
+                network=payment.network,
+                payee=payment.payee,
+                url=payment.resource_url,
+            ),
+        )
+        if payment.dry_run:
+            usage = budgets.usage(session, ctx.id, policy, now)
+            for use in usage:
+                if use.spent + payment.amount > use.limit:
+                    raise PolicyRefused(
+                        f"{use.window} budget {use.limit} would be exceeded",
+                        rule=f"budget.{use.window}",
+                    )
+            transition(
+                session,
+                payment,
+                S.SIMULATED,
+                now=now,
+                response={"would_pay": proto.requirement_to_wire(requirement, 2)},
+            )
+            return
+        if not approved and needs_approval(policy, payment.amount):
+            transition(
+                session,
+                payment,
+                S.REQUIRES_APPROVAL,
+                now=now,
+                approvals_required=policy.approvals_required,
+            )
+            return
+        budgets.reserve(
+            session,
+            connection_id=ctx.id,
+            payment_id=payment.id,
+            amount=payment.amount,
+            policy=policy,
+            now=now,
+        )
+    except PolicyRefused as refused:
+        transition(
+            session,
+            payment,
+            S.REJECTED,
+            now=now,
+            failure_code=refused.rule,
+            failure_reason=refused.detail,
+        )
+        return
+    signed = proto.sign_payment(
+        ctx.account(),
+        requirement,
+        payment.x402_version or 2,
+        resource,
+        accepted_raw=payment.requirement,
+    )
+    transition(
+        session,
+        payment,
+        S.AUTHORIZED,
+        now=now,
+        signed_payload=signed.wire,
+        nonce=signed.nonce,
+        valid_before=signed.valid_before,
+        payer=signed.payer,
+    )
+
+
+def _job_input(session: Session, payment_id: str) -> SendInput | None:
+    job = (
+        session.execute(
+            select(Job).where(col(Job.payment_id) == payment_id).order_by(col(Job.created_at))
+        )
+        .scalars()
+        .first()
+    )
+    if job is None or job.input is None:
+        return None
+    return SendInput.model_validate(job.input)
+
+
+def execute_send(
+    rt: Runtime, ctx: ConnectionContext, payment_id: str
+) -> tuple[Payment, Fetched | None]:
+    """Use the stored authorization; repeatable until the payment leaves ``settling``."""
+    with UnitOfWork(rt.engine) as uow:
+        payment = uow.session.get(Payment, payment_id)
+        if payment is None:
+            raise LookupError(payment_id)
+        if payment.state == S.AUTHORIZED.value:
+            transition(
+                uow.session, payment, S.SETTLING, settle_attempts=payment.settle_attempts + 1
+            )
+        elif payment.state == S.SETTLING.value:
+            update_fields(uow.session, payment, settle_attempts=payment.settle_attempts + 1)
+        else:
+            return payment, None
+        inp = _job_input(uow.session, payment_id) if payment.resource_url else None
+        uow.commit()
+
+    if payment.resource_url is not None:
+        return _pay_url(rt, ctx, payment, inp)
+    return _settle_direct(rt, ctx, payment), None
+
+
+def _pay_url(
+    rt: Runtime, ctx: ConnectionContext, payment: Payment, inp: SendInput | None
+) -> tuple[Payment, Fetched | None]:
+    assert payment.signed_payload is not None and payment.resource_url is not None
+    name, value = proto.payment_header(payment.x402_version or 2, payment.signed_payload)
+    method = inp.method if inp else "GET"
+    headers = {**(inp.headers if inp else {}), name: value}
+    body = _request_body(inp) if inp else None
+    try:
+        fetched = proto.fetcher_for(rt).fetch(
+            method, payment.resource_url, headers=headers, body=body, follow_redirects=False
+        )
+    except FetchFailed:
+        # Outcome unknown: the server may have settled. Stay in settling; the task retries
+        # with the same authorization and the reconciler reads the chain.
+        raise
+    settlement = proto.parse_settlement(fetched)
+    result = proto.http_result(fetched)
+    if 200 <= fetched.status < 300:
+        tx = settlement.get("transaction") if settlement else None
+        if tx or _authorization_used(rt, ctx, payment):
+            return _finish_settled(rt, payment, tx or None, response=result), fetched
+        # Accepted but not settled yet (the payee holds it, e.g. manual capture): stay in
+        # settling with the response recorded; the reconciler settles or fails it from the chain.
+        with UnitOfWork(rt.engine) as uow:
+            current = uow.session.get(Payment, payment.id)
+            assert current is not None
+            update_fields(uow.session, current, response=result)
+            uow.commit()
+            return current, fetched
+    if _authorization_used(rt, ctx, payment):
+        return _finish_settled(rt, payment, None, response=result), fetched
+    if fetched.status >= 500:
+        raise ExternalServiceError(
+            f"{payment.resource_url} answered HTTP {fetched.status} to the paid request",
+            payment_id=payment.id,
+        )
+    reason = (settlement or {}).get("errorReason") or proto.error_from_body(fetched)
+    return _finish_failed(
+        rt,
+        payment,
+        "payment_refused",
+        f"server answered HTTP {fetched.status}: {reason}",
+        definite=False,
+        response=result,
+    ), fetched
+
+
+def _settle_direct(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
+    assert payment.signed_payload is not None and payment.requirement is not None
+    facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
+    answer = facilitator.settle(payment.signed_payload, payment.requirement)
+    if answer.get("success"):
+        return _finish_settled(rt, payment, str(answer.get("transaction") or "") or None)
+    if _authorization_used(rt, ctx, payment):
+        return _finish_settled(rt, payment, None)
+    return _finish_failed(
+        rt,
+        payment,
+        "settlement_failed",
+        str(answer.get("errorReason") or "facilitator refused to settle"),
+        definite=True,
+    )
+
+
+def _authorization_used(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> bool:
+    try:
+        return authorization_used(rt, ctx.rpc_url, payment)
+    except ExternalServiceError:
+        log.warning("could not read authorization state", extra={"payment_id": payment.id})
+        return False
+
+
+def _finish_settled(
+    rt: Runtime, payment: Payment, tx_hash: str | None, response: dict[str, Any] | None = None
+) -> Payment:
+    with UnitOfWork(rt.engine) as uow:
+        current = uow.session.get(Payment, payment.id)
+        assert current is not None
+        if current.state != S.SETTLING.value:
+            return current
+        changes: dict[str, Any] = {"tx_hash": tx_hash}
+        if response is not None:
+            changes["response"] = response
+        transition(uow.session, current, S.SETTLED, **changes)
+        budgets.confirm(uow.session, current.id)
+        uow.commit()
+        return current
+
+
+def _finish_failed(
+    rt: Runtime,
+    payment: Payment,
+    code: str,
+    reason: str,
+    *,
+    definite: bool,
+    response: dict[str, Any] | None = None,
+) -> Payment:
+    """Fail the payment. The budget reservation is released only when nothing can move any more;
+    otherwise it stays held until the authorization's deadline passes (the reconciler releases it).
+    """
+    with UnitOfWork(rt.engine) as uow:
+        current = uow.session.get(Payment, payment.id)
+        assert current is not None
+        if current.state != S.SETTLING.value:
+            return current
+        changes: dict[str, Any] = {"failure_code": code, "failure_reason": reason[:1000]}
+        if response is not None:
+            changes["response"] = response
+        transition(uow.session, current, S.FAILED, **changes)
+        if definite:
+            budgets.release(uow.session, current.id)
+        uow.commit()
+        return current

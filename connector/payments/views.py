@@ -1,0 +1,51 @@
+"""The public shape of a payment: what events, API responses and action results carry.
+
+Amounts are decimal strings in atomic units (never floats); the signed payload is never included
+(it is a bearer instrument until settled).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connector.storage.models.payments import Payment
+
+
+def payment_snapshot(payment: Payment) -> dict[str, Any]:
+    return {
+        "id": payment.id,
+        "object": "payment",
+        "connection_id": payment.connection_id,
+        "direction": payment.direction,
+        "state": payment.state,
+        "amount": str(payment.amount),
+        "refunded_amount": str(payment.refunded_amount),
+        "asset": payment.asset,
+        "network": payment.network,
+        "payer": payment.payer,
+        "payee": payment.payee,
+        "scheme": payment.scheme,
+        "x402_version": payment.x402_version,
+        "resource_url": payment.resource_url,
+        "description": payment.description,
+        "payment_request_id": payment.payment_request_id,
+        "capture": payment.capture,
+        "custodial": payment.custodial,
+        "beneficiary": payment.beneficiary,
+        "nonce": payment.nonce,
+        "valid_before": payment.valid_before.isoformat() if payment.valid_before else None,
+        "hold_expires_at": (
+            payment.hold_expires_at.isoformat() if payment.hold_expires_at else None
+        ),
+        "tx_hash": payment.tx_hash,
+        "release_tx_hash": payment.release_tx_hash,
+        "failure_code": payment.failure_code,
+        "failure_reason": payment.failure_reason,
+        "idempotency_key": payment.idempotency_key,
+        "dry_run": payment.dry_run,
+        "response": payment.response,
+        "metadata": payment.metadata_,
+        "created_at": payment.created_at.isoformat(),
+        "updated_at": payment.updated_at.isoformat(),
+        "version": payment.version,
+    }

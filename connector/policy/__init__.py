@@ -1,0 +1,1 @@
+"""Spending policy: static rules, durable budget reservations, approvals, dry-run."""

@@ -1,0 +1,179 @@
+"""Durable budget reservations that hold under any number of concurrent workers.
+
+Protocol: *reserve* before signing, *confirm* when settled, *release* only on a definite failure
+(nothing can move any more). When the outcome is unknown the reservation stays held, so the
+budget fails closed: we may under-spend after a crash, never over-spend.
+
+Serialization: every decision for a connection first bumps its ``budget_locks`` row. On
+PostgreSQL that is a row lock held to commit; on SQLite it takes the database write lock. Either
+way two reservations for the same connection are decided one after the other, and the sum read
+inside the lock is the truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col
+
+from connector.errors import PolicyRefused
+from connector.events.outbox import record_event
+from connector.ids import new_id
+from connector.policy.rules import BUDGET_WINDOWS, SpendingPolicy
+from connector.storage.models.payments import BudgetLock, Reservation
+
+ACTIVE = ("held", "confirmed")
+
+
+@dataclass(frozen=True)
+class BudgetUsage:
+    window: str
+    limit: int
+    spent: int  # held + confirmed within the window, before this reservation
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.spent)
+
+
+def _lock(session: Session, connection_id: str) -> None:
+    # Make sure the lock row exists without racing other creators, then take it.
+    dialect = session.get_bind().dialect.name
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(
+        insert_fn(BudgetLock)
+        .values(connection_id=connection_id, ticks=0)
+        .on_conflict_do_nothing(index_elements=["connection_id"])
+    )
+    session.execute(
+        update(BudgetLock)
+        .where(col(BudgetLock.connection_id) == connection_id)
+        .values(ticks=col(BudgetLock.ticks) + 1)
+    )
+
+
+def _spent_since(session: Session, connection_id: str, since: datetime) -> int:
+    if session.get_bind().dialect.name == "postgresql":
+        total = session.execute(
+            select(func.coalesce(func.sum(col(Reservation.amount)), 0)).where(
+                col(Reservation.connection_id) == connection_id,
+                col(Reservation.status).in_(ACTIVE),
+                col(Reservation.created_at) >= since,
+            )
+        ).scalar_one()
+        return int(total)
+    # SQLite stores uint256 as text: sum exactly in Python.
+    rows = session.execute(
+        select(col(Reservation.amount)).where(
+            col(Reservation.connection_id) == connection_id,
+            col(Reservation.status).in_(ACTIVE),
+            col(Reservation.created_at) >= since,
+        )
+    ).scalars()
+    return sum(int(a) for a in rows)
+
+
+def usage(
+    session: Session, connection_id: str, policy: SpendingPolicy, now: datetime | None = None
+) -> list[BudgetUsage]:
+    now = now or datetime.now(UTC)
+    return [
+        BudgetUsage(name, limit, _spent_since(session, connection_id, now - BUDGET_WINDOWS[name]))
+        for name, limit in policy.budget_limits().items()
+    ]
+
+
+def reserve(
+    session: Session,
+    *,
+    connection_id: str,
+    payment_id: str,
+    amount: int,
+    policy: SpendingPolicy,
+    now: datetime | None = None,
+) -> Reservation:
+    """Set ``amount`` aside or raise :class:`PolicyRefused` (rule ``budget.<window>``).
+
+    Idempotent per payment: a second call for the same payment returns the existing reservation.
+    """
+    now = now or datetime.now(UTC)
+    if not policy.budget_limits():
+        # No budget to protect: record the spend without serializing on the lock row.
+        return _insert(session, connection_id, payment_id, amount, now)
+    _lock(session, connection_id)
+    existing = session.execute(
+        select(Reservation).where(col(Reservation.payment_id) == payment_id)
+    ).scalar_one_or_none()
+    if existing is not None:
+        assert isinstance(existing, Reservation)
+        return existing
+    for use in usage(session, connection_id, policy, now):
+        if use.spent + amount > use.limit:
+            raise PolicyRefused(
+                f"{use.window} budget {use.limit} would be exceeded: {use.spent} already "
+                f"reserved or spent, {amount} requested",
+                rule=f"budget.{use.window}",
+                remaining=str(use.remaining),
+            )
+        crossed = use.spent < policy.budget_alert_ratio * use.limit <= use.spent + amount
+        if crossed:
+            record_event(
+                session,
+                "budget.threshold_reached",
+                connection_id,
+                {
+                    "window": use.window,
+                    "limit": str(use.limit),
+                    "spent": str(use.spent + amount),
+                    "ratio": policy.budget_alert_ratio,
+                },
+            )
+    return _insert(session, connection_id, payment_id, amount, now)
+
+
+def _insert(
+    session: Session, connection_id: str, payment_id: str, amount: int, now: datetime
+) -> Reservation:
+    existing = session.execute(
+        select(Reservation).where(col(Reservation.payment_id) == payment_id)
+    ).scalar_one_or_none()
+    if isinstance(existing, Reservation):
+        return existing
+    reservation = Reservation(
+        id=new_id("rsv"),
+        connection_id=connection_id,
+        payment_id=payment_id,
+        amount=amount,
+        status="held",
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(reservation)
+    session.flush()
+    return reservation
+
+
+def _set_status(session: Session, payment_id: str, status: str, from_status: str) -> bool:
+    result = session.execute(
+        update(Reservation)
+        .where(
+            col(Reservation.payment_id) == payment_id,
+            col(Reservation.status) == from_status,
+        )
+        .values(status=status, updated_at=datetime.now(UTC))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def confirm(session: Session, payment_id: str) -> bool:
+    """The payment settled: the reservation becomes spend."""
+    return _set_status(session, payment_id, "confirmed", "held")
+
+
+def release(session: Session, payment_id: str) -> bool:
+    """The payment definitely failed (nothing can move): give the money back to the budget."""
+    return _set_status(session, payment_id, "released", "held")

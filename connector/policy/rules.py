@@ -1,0 +1,126 @@
+"""The per-connection spending policy and its stateless rules.
+
+Every refusal names the rule that refused (``max_per_payment``, ``payee_deny``, ``budget.day``…),
+so a workflow can show the user exactly why a payment did not happen.
+
+Budgets are **rolling windows** (the last 24 h, 7 days, 30 days), not calendar periods: a rolling
+window cannot be drained twice around midnight, which is what an agent with a loop would do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from connector.errors import PolicyRefused
+
+BUDGET_WINDOWS: dict[str, timedelta] = {
+    "day": timedelta(days=1),
+    "week": timedelta(days=7),
+    "month": timedelta(days=30),
+}
+
+
+def _int_or_none(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool | float):
+        raise ValueError("amounts are integers in atomic units (send a decimal string)")
+    number = int(str(value))
+    if number < 0:
+        raise ValueError("amounts cannot be negative")
+    return number
+
+
+class SpendingPolicy(BaseModel):
+    """Stored as JSON on the connection; amounts are atomic units (decimal strings on the wire)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_per_payment: int | None = None
+    budget_day: int | None = None
+    budget_week: int | None = None
+    budget_month: int | None = None
+    budget_alert_ratio: float = Field(default=0.8, gt=0, le=1)
+    allowed_networks: list[str] = Field(default_factory=list)  # empty = any
+    allowed_assets: list[str] = Field(default_factory=list)  # empty = any
+    payee_allow: list[str] = Field(default_factory=list)
+    payee_deny: list[str] = Field(default_factory=list)
+    domain_allow: list[str] = Field(default_factory=list)
+    domain_deny: list[str] = Field(default_factory=list)
+    approval_threshold: int | None = None  # amounts >= this wait for approval
+    approvals_required: int = Field(default=1, ge=1, le=10)
+    approval_ttl_hours: float = Field(default=24, gt=0, le=24 * 30)
+    dry_run: bool = False
+
+    @field_validator(
+        "max_per_payment",
+        "budget_day",
+        "budget_week",
+        "budget_month",
+        "approval_threshold",
+        mode="before",
+    )
+    @classmethod
+    def _amounts(cls, value: object) -> int | None:
+        return _int_or_none(value)
+
+    @field_validator("payee_allow", "payee_deny", "allowed_assets")
+    @classmethod
+    def _lower_addresses(cls, value: list[str]) -> list[str]:
+        return [v.lower() for v in value]
+
+    @field_validator("domain_allow", "domain_deny")
+    @classmethod
+    def _lower_domains(cls, value: list[str]) -> list[str]:
+        return [v.lower().strip(".") for v in value]
+
+    def budget_limits(self) -> dict[str, int]:
+        limits = {"day": self.budget_day, "week": self.budget_week, "month": self.budget_month}
+        return {name: limit for name, limit in limits.items() if limit is not None}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the policy is asked about: one prospective outgoing payment."""
+
+    amount: int
+    asset: str
+    network: str
+    payee: str
+    url: str | None = None
+
+
+def _domain_matches(host: str, patterns: list[str]) -> bool:
+    return any(host == p or host.endswith("." + p) for p in patterns)
+
+
+def check_static_rules(policy: SpendingPolicy, candidate: Candidate) -> None:
+    """Raise :class:`PolicyRefused` naming the first rule the candidate breaks."""
+    if policy.max_per_payment is not None and candidate.amount > policy.max_per_payment:
+        raise PolicyRefused(
+            f"amount {candidate.amount} exceeds max_per_payment {policy.max_per_payment}",
+            rule="max_per_payment",
+        )
+    if policy.allowed_networks and candidate.network not in policy.allowed_networks:
+        raise PolicyRefused(f"network {candidate.network} is not allowed", rule="allowed_networks")
+    if policy.allowed_assets and candidate.asset.lower() not in policy.allowed_assets:
+        raise PolicyRefused(f"asset {candidate.asset} is not allowed", rule="allowed_assets")
+    payee = candidate.payee.lower()
+    if payee in policy.payee_deny:
+        raise PolicyRefused(f"payee {candidate.payee} is on the deny list", rule="payee_deny")
+    if policy.payee_allow and payee not in policy.payee_allow:
+        raise PolicyRefused(f"payee {candidate.payee} is not on the allow list", rule="payee_allow")
+    if candidate.url is not None:
+        host = (urlsplit(candidate.url).hostname or "").lower().strip(".")
+        if _domain_matches(host, policy.domain_deny):
+            raise PolicyRefused(f"domain {host} is on the deny list", rule="domain_deny")
+        if policy.domain_allow and not _domain_matches(host, policy.domain_allow):
+            raise PolicyRefused(f"domain {host} is not on the allow list", rule="domain_allow")
+
+
+def needs_approval(policy: SpendingPolicy, amount: int) -> bool:
+    return policy.approval_threshold is not None and amount >= policy.approval_threshold

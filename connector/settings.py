@@ -1,0 +1,99 @@
+"""Configuration, read from ``X402C_*`` environment variables (and an optional ``.env``).
+
+Two modes: ``dev`` (the embedded default: SQLite, in-process queue, local chain, generated master
+key file) and ``production`` (every secret and endpoint must be given explicitly; missing or
+malformed values stop the process at start with a clear message).
+See ``docs/configuration.md`` for every field.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="X402C_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- general -------------------------------------------------------------------------
+    mode: Literal["dev", "production"] = "dev"
+    data_dir: Path = Path(".x402c")
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+    public_base_url: str = "http://127.0.0.1:8402"
+
+    # --- storage -------------------------------------------------------------------------
+    database_url: str | None = None  # default: sqlite file in data_dir
+
+    # --- queue ---------------------------------------------------------------------------
+    broker_url: str = "memory://"  # production: redis://127.0.0.1:6379/0
+    result_backend: str | None = None  # default: same Redis as the broker, or cache+memory://
+    task_time_limit_s: int = 120
+    task_max_retries: int = 8
+    broker_visibility_timeout_s: int = 3600  # a killed worker's task is redelivered after this
+    broker_restore_interval_s: int = 10  # how often workers sweep for such abandoned tasks
+
+    # --- vault ---------------------------------------------------------------------------
+    master_keys: SecretStr | None = None  # "kid1:base64key,kid2:base64key"; first is active
+    master_key_file: Path | None = None  # default in dev: data_dir/master.keys
+
+    # --- chain / facilitator --------------------------------------------------------------
+    anvil_path: Path | None = None  # default: .devtools/bin/anvil, then PATH
+    devchain_port: int = 8545
+    default_rpc_url: str | None = None
+    default_facilitator_url: str | None = None
+    receipt_poll_interval_s: float = 0.005
+    rpc_timeout_s: float = 10.0
+    facilitator_timeout_s: float = 15.0
+    external_max_retries: int = 3
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhook_timeout_s: float = 5.0
+    webhook_max_response_bytes: int = 64 * 1024
+    webhook_allow_loopback: bool = False  # dev and tests only
+    webhook_disable_after_days: float = 5.0
+    webhook_secret_overlap_hours: float = 24.0
+
+    # --- outbound HTTP for `send` ----------------------------------------------------------
+    send_timeout_s: float = 15.0
+    send_max_response_bytes: int = 1024 * 1024
+    send_allow_loopback: bool = False  # dev and tests only
+
+    # --- API -----------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8402
+    idempotency_ttl_hours: int = Field(default=48, ge=24)
+
+    @model_validator(mode="after")
+    def _production_needs_explicit_config(self) -> Settings:
+        if self.mode == "production":
+            missing = []
+            if not self.database_url:
+                missing.append("X402C_DATABASE_URL")
+            if self.master_keys is None and self.master_key_file is None:
+                missing.append("X402C_MASTER_KEYS or X402C_MASTER_KEY_FILE")
+            if missing:
+                raise ValueError("production mode requires " + ", ".join(missing))
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'x402c.db').as_posix()}"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or (self.data_dir / "master.keys")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests build their own ``Settings(...)`` instead of patching env."""
+    return Settings()

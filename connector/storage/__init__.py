@@ -1,0 +1,1 @@
+"""Persistence: SQLModel tables, engine/session setup, unit of work, Alembic migrations."""

@@ -1,0 +1,85 @@
+"""Engine and unit of work, identical on SQLite (embedded) and PostgreSQL (production).
+
+A :class:`UnitOfWork` is one database transaction: a service opens it, changes rows, appends
+outbox events, and commits once, so a state change and its event are never separated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine with the settings each backend needs for safe concurrent use."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 20)
+    return create_engine(url, **kwargs)
+
+
+class UnitOfWork:
+    """One transaction. Use as ``with UnitOfWork(engine) as uow: ...; uow.commit()``.
+
+    Leaving the block without ``commit()`` rolls back, so an exception can never half-apply.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("UnitOfWork used outside its with-block")
+        return self._session
+
+    def __enter__(self) -> UnitOfWork:
+        self._session = Session(self.engine, expire_on_commit=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # close() rolls back anything uncommitted at the database and detaches objects without
+        # expiring them, so values read inside the block stay usable after it.
+        assert self._session is not None
+        try:
+            self._session.close()
+        finally:
+            self._session = None
+
+    def commit(self) -> None:
+        self.session.commit()
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """Shorthand: a session that commits on success and rolls back on error."""
+    with UnitOfWork(engine) as uow:
+        yield uow.session
+        uow.commit()

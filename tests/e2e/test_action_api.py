@@ -1,0 +1,110 @@
+"""The workflow-builder surface: manifest schemas, every listed action runs, Idempotency-Key."""
+
+from __future__ import annotations
+
+import uuid
+
+import jsonschema
+import pytest
+
+from api.stack import Stack
+from connector.actions.registry import ACTIONS
+from tests.fixtures.stack import Agent, make_agent
+
+pytestmark = [pytest.mark.chain, pytest.mark.xdist_group("stack")]
+
+
+@pytest.fixture(scope="module")
+def agent(stack: Stack) -> Agent:
+    return make_agent(stack, stack.accounts[11])
+
+
+def test_manifest_schemas_are_valid_json_schema(agent: Agent) -> None:
+    manifest = agent.http.get("/v1/manifest", headers={"authorization": ""}).json()
+    assert {a["key"] for a in manifest["actions"]} == {a.key for a in ACTIONS}
+    for action in manifest["actions"]:
+        jsonschema.Draft202012Validator.check_schema(action["input_schema"])
+        jsonschema.Draft202012Validator.check_schema(action["output_schema"])
+        jsonschema.validate(action["sample_output"], action["output_schema"])
+    jsonschema.Draft202012Validator.check_schema(manifest["credentials"]["schema"])
+    secret = manifest["credentials"]["schema"]["properties"]["private_key"]
+    assert secret["writeOnly"] is True
+    assert "payment.settled" in {t["key"] for t in manifest["triggers"]}
+
+
+def test_every_manifest_action_really_runs(agent: Agent, stack: Stack) -> None:
+    seller = make_agent(stack, stack.accounts[17])
+    req = seller.run("receive", {"amount": "100", "capture": "manual"})["payment_request"]
+    paid = agent.run("send", {"url": req["url"]})
+    held = seller.http.get(
+        "/v1/admin/payments", params={"connection_id": seller.connection_id, "state": "authorized"}
+    ).json()["data"][0]
+    inputs = {
+        "send": {"to": seller.account.address, "amount": "1"},
+        "receive": {"amount": "5"},
+        "verify": {"tx_hash": "0x" + "00" * 32},
+        "balance": {},
+    }
+    for key, body in inputs.items():
+        response = agent.call(key, body)
+        assert response.status_code == 200 and response.json()["status"] == "succeeded", key
+    assert seller.run("release", {"payment_id": held["id"]})["payment"]["state"] == "settled"
+    settled = seller.http.get(
+        "/v1/admin/payments", params={"connection_id": seller.connection_id, "state": "settled"}
+    ).json()["data"][0]
+    assert seller.run("refund", {"payment_id": settled["id"]})["payment"]["state"] == "refunded"
+    req2 = seller.run("receive", {"amount": "7", "capture": "manual"})["payment_request"]
+    agent.run("send", {"url": req2["url"]})
+    held2 = seller.http.get(
+        "/v1/admin/payments",
+        params={"connection_id": seller.connection_id, "state": "authorized"},
+    ).json()["data"][0]
+    assert seller.run("void", {"payment_id": held2["id"]})["payment"]["state"] == "voided"
+    assert paid["payment"]["state"] == "settling"
+
+
+def test_idempotency_key_semantics(agent: Agent, stack: Stack) -> None:
+    key = str(uuid.uuid4())
+    before = agent.balance()
+    body = {"to": stack.accounts[18].address, "amount": "3"}
+    first = agent.call("send", body, key=key)
+    assert first.status_code == 200
+    replay = agent.call("send", body, key=key)
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert agent.balance() == before - 3  # paid once
+    different = agent.call("send", {**body, "amount": "4"}, key=key)
+    assert different.status_code == 422
+    assert different.json()["type"].endswith("/idempotency_key_reused")
+
+
+def test_async_call_returns_202_and_job_can_be_polled(agent: Agent) -> None:
+    response = agent.call("balance", {}, wait=0)
+    assert response.status_code == 202
+    job_id = response.json()["id"]
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        job = agent.http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "succeeded":
+            break
+        time.sleep(0.05)
+    assert job["status"] == "succeeded" and int(job["result"]["balance"]) >= 0
+
+
+def test_invalid_action_input_is_a_422_problem_naming_the_field(agent: Agent) -> None:
+    response = agent.call("send", {"to": "0x123", "amount": "1"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "to"
+    response = agent.call("send", {"to": "0x" + "1" * 40, "amount": 1.5})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "amount"
+
+
+def test_metrics_expose_payments_actions_and_webhooks(agent: Agent) -> None:
+    agent.run("send", {"to": agent.account.address, "amount": "1"})
+    text = agent.http.get("/metrics").text
+    assert 'x402c_payments{state="settled"}' in text
+    assert 'x402c_payment_transitions_total{direction="outgoing",state="settled"}' in text
+    assert 'x402c_action_seconds_count{action="send",status="succeeded"}' in text

@@ -1,0 +1,217 @@
+"""Every action end to end through the API, the Celery worker, anvil and the facilitator, with
+balances read back on-chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.stack import Stack
+from tests.fixtures.stack import Agent, make_agent
+
+pytestmark = [pytest.mark.chain, pytest.mark.xdist_group("stack")]
+
+
+@pytest.fixture(scope="module")
+def buyer(stack: Stack) -> Agent:
+    return make_agent(stack, stack.accounts[3], {"max_per_payment": "5000000"})
+
+
+@pytest.fixture(scope="module")
+def seller(stack: Stack) -> Agent:
+    return make_agent(stack, stack.accounts[4])
+
+
+def offer(seller: Agent, amount: int, **extra: Any) -> dict[str, Any]:
+    result = seller.run("receive", {"amount": str(amount), "resource": {"secret": "42"}, **extra})
+    request: dict[str, Any] = result["payment_request"]
+    return request
+
+
+def incoming(seller: Agent, state: str) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = seller.http.get(
+        "/v1/admin/payments",
+        params={"connection_id": seller.connection_id, "state": state, "direction": "incoming"},
+    ).json()["data"]
+    return data
+
+
+def test_send_pays_a_paywall_and_money_moves(buyer: Agent, seller: Agent) -> None:
+    before = buyer.balance(), seller.balance()
+    request = offer(seller, 12_345)
+    result = buyer.run("send", {"url": request["url"]})
+    assert result["payment"]["state"] == "settled"
+    assert result["response"]["status"] == 200 and '"42"' in result["response"]["body"]
+    assert (buyer.balance(), seller.balance()) == (before[0] - 12_345, before[1] + 12_345)
+    # a single-use offer refuses a second payment before any money moves
+    again = buyer.run("send", {"url": request["url"]})
+    assert again["payment"] is None and again["response"]["status"] == 410
+    assert (buyer.balance(), seller.balance()) == (before[0] - 12_345, before[1] + 12_345)
+
+
+def test_direct_payment_to_an_address(buyer: Agent, seller: Agent) -> None:
+    before = seller.balance()
+    result = buyer.run("send", {"to": seller.account.address, "amount": "777"})
+    assert result["payment"]["state"] == "settled" and result["payment"]["tx_hash"]
+    assert seller.balance() == before + 777
+
+
+def test_manual_capture_hold_then_void_moves_nothing(buyer: Agent, seller: Agent) -> None:
+    before = buyer.balance(), seller.balance()
+    request = offer(seller, 5_000, capture="manual")
+    sent = buyer.run("send", {"url": request["url"]})
+    assert sent["payment"]["state"] == "settling"
+    held = [p for p in incoming(seller, "authorized") if p["amount"] == "5000"]
+    assert len(held) == 1 and held[0]["hold_expires_at"]
+    voided = seller.run("void", {"payment_id": held[0]["id"]})
+    assert voided["payment"]["state"] == "voided"
+    assert (buyer.balance(), seller.balance()) == before
+    # a voided hold cannot be released: 409-style failure naming the transition
+    error = seller.fail("release", {"payment_id": held[0]["id"]})
+    assert error["status"] == 409 and error["type"].endswith("/illegal_transition")
+
+
+def test_custodial_escrow_release_pays_the_beneficiary(
+    buyer: Agent, seller: Agent, stack: Stack
+) -> None:
+    beneficiary = stack.accounts[12].address
+    from connector.chain import ChainClient
+
+    chain = ChainClient(stack.chain.rpc_url)
+    before = chain.token_balance(stack.chain.token, beneficiary)
+    request = offer(seller, 9_000, custodial=True, beneficiary=beneficiary)
+    assert buyer.run("send", {"url": request["url"]})["payment"]["state"] == "settled"
+    settled = [p for p in incoming(seller, "settled") if p["amount"] == "9000"]
+    released = seller.run("release", {"payment_id": settled[0]["id"]})["payment"]
+    assert released["state"] == "released"
+    assert chain.token_balance(stack.chain.token, beneficiary) == before + 9_000
+
+
+def test_partial_refunds_never_exceed_what_settled(buyer: Agent, seller: Agent) -> None:
+    request = offer(seller, 10_000)
+    buyer.run("send", {"url": request["url"]})
+    payment = next(p for p in incoming(seller, "settled") if p["amount"] == "10000")
+    before = buyer.balance()
+    first = seller.run("refund", {"payment_id": payment["id"], "amount": "4000"})
+    assert first["payment"]["state"] == "partially_refunded"
+    too_much = seller.fail("refund", {"payment_id": payment["id"], "amount": "6001"})
+    assert too_much["status"] == 422
+    rest = seller.run("refund", {"payment_id": payment["id"]})
+    assert rest["refund"]["amount"] == "6000" and rest["payment"]["state"] == "refunded"
+    assert buyer.balance() == before + 10_000
+    nothing = seller.fail("refund", {"payment_id": payment["id"], "amount": "1"})
+    assert nothing["status"] == 409
+
+
+def test_verify_payload_and_transaction(buyer: Agent, seller: Agent, stack: Stack) -> None:
+    from connector.x402 import exact_evm
+    from connector.x402.codec import build_payment_payload
+    from connector.x402.requirement import Requirement
+
+    requirement = Requirement(
+        scheme="exact", network=stack.chain.network, amount=55, asset=stack.chain.token,
+        pay_to=seller.account.address, max_timeout_seconds=120,
+        extra={"name": stack.chain.token_name, "version": stack.chain.token_version},
+    )  # fmt: skip
+    wire = build_payment_payload(
+        exact_evm.sign_exact(buyer.account, requirement).payload, requirement, 2
+    )
+    good = buyer.run("verify", {"payment_payload": wire, "requirements": requirement.to_v2()})
+    assert good == {**good, "valid": True, "payer": buyer.account.address}
+    bad_req = {**requirement.to_v2(), "amount": "56"}
+    bad = buyer.run("verify", {"payment_payload": wire, "requirements": bad_req})
+    assert bad["valid"] is False and bad["reason"].endswith("value_mismatch")
+    tx = buyer.run("send", {"to": seller.account.address, "amount": "31"})["payment"]["tx_hash"]
+    on_chain = buyer.run(
+        "verify", {"tx_hash": tx, "expected_to": seller.account.address, "expected_amount": "31"}
+    )
+    assert on_chain["valid"] and on_chain["transfers"][0]["value"] == "31"
+    wrong = buyer.run("verify", {"tx_hash": tx, "expected_amount": "32"})
+    assert wrong["valid"] is False and wrong["reason"] == "no_matching_transfer"
+
+
+def test_balance_and_history(buyer: Agent) -> None:
+    result = buyer.run("balance", {"history_limit": 3})
+    assert int(result["balance"]) == buyer.balance()
+    assert result["address"] == buyer.account.address and len(result["history"]) <= 3
+
+
+def test_policy_refusals_and_dry_run(stack: Stack, seller: Agent) -> None:
+    careful = make_agent(
+        stack,
+        stack.accounts[5],
+        {"max_per_payment": "1000", "payee_deny": [stack.accounts[13].address]},
+    )
+    too_big = careful.run("send", {"to": seller.account.address, "amount": "1001"})["payment"]
+    assert (too_big["state"], too_big["failure_code"]) == ("rejected", "max_per_payment")
+    denied = careful.run("send", {"to": stack.accounts[13].address, "amount": "1"})["payment"]
+    assert denied["failure_code"] == "payee_deny"
+    before = careful.balance()
+    dry = careful.run("send", {"to": seller.account.address, "amount": "10", "dry_run": True})
+    assert dry["payment"]["state"] == "simulated" and careful.balance() == before
+
+
+def test_approval_by_two_admins_then_payment_runs(stack: Stack, seller: Agent) -> None:
+    big = make_agent(
+        stack, stack.accounts[6], {"approval_threshold": "100", "approvals_required": 2}
+    )
+    waiting = big.run("send", {"to": seller.account.address, "amount": "150"})["payment"]
+    assert waiting["state"] == "requires_approval"
+    keys = []
+    for name in ("alice", "bob"):
+        created = big.http.post("/v1/admin/keys", json={"name": name, "scopes": ["admin"]}).json()
+        keys.append(created["key_once"])
+    before = seller.balance()
+    first = big.http.post(
+        f"/v1/admin/payments/{waiting['id']}/approve",
+        json={},
+        headers={"authorization": f"Bearer {keys[0]}"},
+    ).json()
+    assert first["state"] == "requires_approval"
+    again = big.http.post(
+        f"/v1/admin/payments/{waiting['id']}/approve",
+        json={},
+        headers={"authorization": f"Bearer {keys[0]}"},
+    )
+    assert again.status_code == 409  # the same admin cannot approve twice
+    second = big.http.post(
+        f"/v1/admin/payments/{waiting['id']}/approve",
+        json={},
+        headers={"authorization": f"Bearer {keys[1]}"},
+    ).json()
+    assert second["state"] == "authorized"
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and seller.balance() == before:
+        time.sleep(0.05)
+    assert seller.balance() == before + 150
+
+
+def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
+    buyer: Agent, seller: Agent, stack: Stack
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from connector.payments import maintenance
+
+    request = offer(seller, 3_333, capture="manual")
+    sent = buyer.run("send", {"url": request["url"]})["payment"]
+    assert sent["state"] == "settling"
+    held = next(p for p in incoming(seller, "authorized") if p["amount"] == "3333")
+    seller.run("release", {"payment_id": held["id"]})
+    later = datetime.now(UTC) + timedelta(minutes=2)
+    assert maintenance.reconcile(stack.runtime, now=later) >= 1
+    after = buyer.http.get(f"/v1/admin/payments/{sent['id']}").json()
+    assert after["state"] == "settled"  # the chain shows the nonce used: money moved
+
+    request2 = offer(seller, 4_444, capture="manual")
+    buyer.run("send", {"url": request2["url"]})
+    hold = next(p for p in incoming(seller, "authorized") if p["amount"] == "4444")
+    deadline = datetime.fromisoformat(hold["hold_expires_at"])
+    maintenance.expire_holds(stack.runtime, now=deadline - timedelta(minutes=1))
+    events = buyer.http.get("/v1/admin/events", params={"type": "payment.hold_expiring"}).json()
+    assert any(e["data"]["payment"]["id"] == hold["id"] for e in events["data"])
+    assert maintenance.expire_holds(stack.runtime, now=deadline + timedelta(seconds=1)) >= 1
+    assert buyer.http.get(f"/v1/admin/payments/{hold['id']}").json()["state"] == "expired"

@@ -1,0 +1,85 @@
+"""Idempotency-Key semantics of action jobs, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from connector.jobs import (
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    finish_request,
+    purge_expired,
+    start_job,
+)
+from connector.storage.db import transaction
+
+BODY = {"to": "0x" + "1" * 40, "amount": "5"}
+
+
+def start(
+    engine: Engine, key: str | None, body: dict[str, str] = BODY, now: datetime | None = None
+):  # type: ignore[no-untyped-def]
+    with transaction(engine) as s:
+        return start_job(
+            s, connection_id="conn_a", action="send", body=body, idempotency_key=key, now=now
+        )
+
+
+def test_same_key_same_body_replays_the_same_job(engine: Engine) -> None:
+    first = start(engine, "k1")
+    assert first.created
+    with pytest.raises(IdempotencyInFlight):
+        start(engine, "k1")
+    with transaction(engine) as s:
+        finish_request(s, first.idempotency_record_id)
+    again = start(engine, "k1")
+    assert not again.created
+    assert again.job.id == first.job.id
+
+
+def test_same_key_different_body_is_422(engine: Engine) -> None:
+    first = start(engine, "k2")
+    with transaction(engine) as s:
+        finish_request(s, first.idempotency_record_id)
+    with pytest.raises(IdempotencyMismatch) as info:
+        start(engine, "k2", {**BODY, "amount": "6"})
+    assert info.value.status == 422
+
+
+def test_keys_are_scoped_per_action_and_missing_key_always_creates(engine: Engine) -> None:
+    a = start(engine, None)
+    b = start(engine, None)
+    assert a.job.id != b.job.id
+    with transaction(engine) as s:
+        other = start_job(
+            s, connection_id="conn_a", action="refund", body=BODY, idempotency_key="k1"
+        )
+    assert other.created
+
+
+def test_expired_keys_are_forgotten(engine: Engine) -> None:
+    past = datetime.now(UTC) - timedelta(hours=72)
+    old = start(engine, "k3", now=past)
+    with transaction(engine) as s:
+        assert purge_expired(s) == 1
+    fresh = start(engine, "k3")
+    assert fresh.created and fresh.job.id != old.job.id
+
+
+def test_stale_jobs_are_requeued_from_the_database(engine: Engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from connector.payments.maintenance import requeue_stale_jobs
+    from connector.runtime import Runtime
+    from connector.settings import Settings
+
+    sent: list[tuple[str, tuple[object, ...]]] = []
+    rt = Runtime(settings=Settings(data_dir=tmp_path), engine=engine)
+    rt.dispatch = lambda task, args: sent.append((task, args))
+    old = start(engine, None, now=datetime.now(UTC) - timedelta(minutes=5))
+    fresh = start(engine, None)
+    assert requeue_stale_jobs(rt) == 1
+    assert sent == [("x402c.run_job", (old.job.id,))]
+    assert requeue_stale_jobs(rt) == 0  # touched: not again before the next threshold
+    assert fresh.job.id not in {args[0] for _, args in sent}

@@ -1,0 +1,78 @@
+"""Transitions on SQLite and PostgreSQL: events in the same transaction, optimistic locking."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from connector.errors import ConcurrentUpdate, IllegalTransition
+from connector.ids import new_id
+from connector.payments.machine import insert_payment, transition
+from connector.payments.states import PaymentState as S
+from connector.storage.db import UnitOfWork, transaction
+from connector.storage.models.events import Event
+from connector.storage.models.payments import Payment
+
+
+def new_payment() -> Payment:
+    return Payment(
+        id=new_id("pay"),
+        connection_id="conn_x",
+        direction="outgoing",
+        state="created",
+        amount=10**24,  # beyond int64: must stay exact
+        asset="0x" + "1" * 40,
+        network="eip155:31337",
+        payee="0x" + "2" * 40,
+    )
+
+
+def events_of(engine: Engine, payment_id: str) -> list[str]:
+    with transaction(engine) as s:
+        rows = s.execute(select(Event).where(Event.payment_id == payment_id).order_by(Event.id))
+        return [e.type for e in rows.scalars()]
+
+
+def test_each_transition_writes_its_event_atomically(engine: Engine) -> None:
+    with transaction(engine) as s:
+        p = insert_payment(s, new_payment())
+        transition(s, p, S.AUTHORIZED, nonce="0x" + "a" * 64)
+    with UnitOfWork(engine) as uow:  # rolled back: neither the state nor the event survive
+        again = uow.session.get(Payment, p.id)
+        assert again is not None
+        transition(uow.session, again, S.SETTLING)
+    with transaction(engine) as s:
+        stored = s.get(Payment, p.id)
+        assert stored is not None and stored.state == "authorized" and stored.version == 2
+        assert stored.amount == 10**24
+    assert events_of(engine, p.id) == ["payment.created", "payment.authorized"]
+    with transaction(engine) as s:
+        ev = s.execute(select(Event).where(Event.type == "payment.authorized")).scalar_one()
+        assert ev.payload["data"]["payment"]["amount"] == str(10**24)
+        assert ev.payload["data"]["payment"]["state"] == "authorized"
+
+
+def test_stale_copy_loses_the_race(engine: Engine) -> None:
+    with transaction(engine) as s:
+        p = insert_payment(s, new_payment())
+    with transaction(engine) as s:
+        first = s.get(Payment, p.id)
+        assert first is not None
+    with transaction(engine) as s:
+        winner = s.get(Payment, p.id)
+        assert winner is not None
+        transition(s, winner, S.AUTHORIZED)
+    with pytest.raises(ConcurrentUpdate), transaction(engine) as s:
+        transition(s, first, S.REJECTED)  # first still says version 1
+    assert events_of(engine, p.id) == ["payment.created", "payment.authorized"]
+
+
+def test_illegal_transition_writes_nothing(engine: Engine) -> None:
+    with transaction(engine) as s:
+        p = insert_payment(s, new_payment())
+    with pytest.raises(IllegalTransition), transaction(engine) as s:
+        transition(s, p, S.SETTLED)
+    with transaction(engine) as s:
+        stored = s.get(Payment, p.id)
+        assert stored is not None and stored.state == "created"

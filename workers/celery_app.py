@@ -1,0 +1,52 @@
+"""The Celery application.
+
+Broker: Redis in production (``X402C_BROKER_URL=redis://…``); ``memory://`` with an in-process
+worker for the embedded default. Tasks are acknowledged late and re-queued when a worker dies, so
+a crash re-runs a task instead of losing it; every task is written to be safe to run twice.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from connector.settings import Settings, get_settings
+
+TASK_MODULES = ["workers.tasks", "workers.webhook_tasks"]
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    backend = settings.result_backend
+    if backend is None:
+        backend = (
+            settings.broker_url if settings.broker_url.startswith("redis") else "cache+memory://"
+        )
+    app = Celery("x402c", broker=settings.broker_url, backend=backend, include=TASK_MODULES)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=24 * 3600,
+        enable_utc=True,
+        timezone="UTC",
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=(
+            {"polling_interval": 0.005}
+            if settings.broker_url.startswith("memory")
+            else {
+                "visibility_timeout": settings.broker_visibility_timeout_s,
+                "unacked_restore_interval": settings.broker_restore_interval_s,
+                "unacked_restore_throttle": 1,
+            }
+        ),
+    )
+    return app
+
+
+celery_app = make_celery()

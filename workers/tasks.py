@@ -1,0 +1,87 @@
+"""Celery tasks: thin wrappers that load by id and call one connector service.
+
+Arguments are ids only — never secrets, never payloads. Every task is safe to run twice (late
+acks mean a crashed worker's task runs again): the services decide from the stored state what is
+left to do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from connector.errors import ConcurrentUpdate, ExternalServiceError
+from workers.celery_app import celery_app
+from workers.runtime import runtime
+
+RETRYABLE = (ExternalServiceError, ConcurrentUpdate)
+
+
+def _retry_countdown(task: Task) -> float:
+    from connector.retry import backoff_delay
+
+    return 1.0 + backoff_delay(task.request.retries, base=2.0, cap=300.0)
+
+
+@celery_app.task(bind=True, name="x402c.run_job", max_retries=8, acks_late=True)
+def run_job(self: Task, job_id: str) -> dict[str, Any] | None:
+    """Run one action job (send, receive, verify, refund, release, void, balance)."""
+    from connector.actions.service import run_job as run
+
+    try:
+        return run(runtime(), job_id)
+    except RETRYABLE as exc:
+        if getattr(exc, "retryable", True):
+            raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
+        raise
+
+
+@celery_app.task(bind=True, name="x402c.drive_payment", max_retries=8, acks_late=True)
+def drive_payment(self: Task, payment_id: str) -> str:
+    """Push a payment forward from whatever state it is in (settle, reconcile)."""
+    from connector.payments.driver import drive
+
+    try:
+        return drive(runtime(), payment_id)
+    except RETRYABLE as exc:
+        raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
+
+
+@celery_app.task(name="x402c.expire_holds")
+def expire_holds() -> int:
+    from connector.payments.maintenance import expire_holds as run
+
+    return run(runtime())
+
+
+@celery_app.task(name="x402c.reconcile_payments")
+def reconcile_payments() -> int:
+    from connector.payments.maintenance import reconcile as run
+
+    return run(runtime())
+
+
+@celery_app.task(name="x402c.requeue_stale_jobs")
+def requeue_stale_jobs() -> int:
+    from connector.payments.maintenance import requeue_stale_jobs as run
+
+    return run(runtime())
+
+
+@celery_app.task(name="x402c.purge_idempotency_keys")
+def purge_idempotency_keys() -> int:
+    from connector.jobs import purge_expired
+    from connector.storage.db import transaction
+
+    with transaction(runtime().engine) as session:
+        return purge_expired(session)
+
+
+celery_app.conf.beat_schedule = {
+    **(celery_app.conf.beat_schedule or {}),
+    "expire-holds": {"task": "x402c.expire_holds", "schedule": 15.0},
+    "reconcile-payments": {"task": "x402c.reconcile_payments", "schedule": 30.0},
+    "requeue-stale-jobs": {"task": "x402c.requeue_stale_jobs", "schedule": 30.0},
+    "purge-idempotency-keys": {"task": "x402c.purge_idempotency_keys", "schedule": 3600.0},
+}

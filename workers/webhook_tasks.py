@@ -1,0 +1,19 @@
+"""Webhook dispatch task: woken after commits that wrote events, and swept by beat."""
+
+from __future__ import annotations
+
+from workers.celery_app import celery_app
+from workers.runtime import runtime
+
+
+@celery_app.task(name="x402c.dispatch_webhooks", acks_late=True)
+def dispatch_webhooks() -> int:
+    from connector.webhooks.dispatcher import dispatch
+
+    return dispatch(runtime())
+
+
+celery_app.conf.beat_schedule = {
+    **(celery_app.conf.beat_schedule or {}),
+    "dispatch-webhooks": {"task": "x402c.dispatch_webhooks", "schedule": 5.0},
+}
