@@ -7,6 +7,7 @@ cursor page ordered by id is stable and needs no separate timestamp column.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -41,12 +42,28 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(out))
 
 
+_last = (0, 0)
+_last_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """Return a fresh id such as ``pay_01jd3x…`` (26 chars after the prefix)."""
+    """Return a fresh id such as ``pay_01jd3x…`` (26 chars after the prefix).
+
+    Within one process ids are strictly increasing even inside one millisecond (the random part
+    is incremented instead of redrawn), so the events of one transaction sort in the order they
+    happened and are delivered in that order.
+    """
+    global _last
     if prefix not in PREFIXES:
         raise ValueError(f"unknown id prefix {prefix!r}")
     millis = time.time_ns() // 1_000_000
-    rand = secrets.randbits(80)
+    with _last_lock:
+        last_millis, last_rand = _last
+        if millis <= last_millis and last_rand < (1 << 80) - 1:
+            millis, rand = last_millis, last_rand + 1
+        else:
+            rand = secrets.randbits(79)  # leaves room to count up within the millisecond
+        _last = (millis, rand)
     return f"{prefix}_{_encode(millis, 10)}{_encode(rand, 16)}"
 
 

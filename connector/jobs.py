@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col
+from sqlmodel import Session, SQLModel, col
 
 from connector.errors import Conflict, ConnectorError, NotFound
 from connector.ids import new_id
 from connector.storage.models.payments import IdempotencyRecord, Job
 
 IN_FLIGHT_LEASE = timedelta(minutes=5)
+JOBS: Table = SQLModel.metadata.tables["jobs"]
 
 
 class IdempotencyInFlight(Conflict):
@@ -170,25 +171,56 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def mark_job(
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs of a job it is about to run (read in the same statement as the claim)."""
+
+    id: str
+    connection_id: str
+    action: str
+    input: dict[str, Any] | None
+    payment_id: str | None
+    attempts: int
+
+
+FINISHED = ("succeeded", "failed")
+
+
+def claim_job(session: Session, job_id: str, now: datetime | None = None) -> ClaimedJob | Job:
+    """Mark a job running and count the attempt, in one statement.
+
+    Returns the claimed job, or the stored :class:`Job` when it has already finished (its result
+    stands; a redelivered task must not run the action again).
+    """
+    row = session.execute(
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status.not_in(FINISHED))
+        .values(status="running", attempts=JOBS.c.attempts + 1, updated_at=now or datetime.now(UTC))
+        .returning(
+            JOBS.c.id,
+            JOBS.c.connection_id,
+            JOBS.c.action,
+            JOBS.c.input,
+            JOBS.c.payment_id,
+            JOBS.c.attempts,
+        )
+    ).first()
+    if row is None:
+        return get_job(session, job_id)
+    return ClaimedJob(*row)
+
+
+def set_job_status(
     session: Session,
-    job: Job,
+    job_id: str,
     status: str,
     *,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
-    payment_id: str | None = None,
-) -> Job:
-    job.status = status
-    job.updated_at = datetime.now(UTC)
-    if status == "running":
-        job.attempts += 1
+) -> None:
+    values: dict[str, Any] = {"status": status, "updated_at": datetime.now(UTC)}
     if result is not None:
-        job.result = result
+        values["result"] = result
     if error is not None:
-        job.error = error
-    if payment_id is not None:
-        job.payment_id = payment_id
-    session.add(job)
-    session.flush()
-    return job
+        values["error"] = error
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(values))

@@ -166,5 +166,4 @@ class TestEvent(BaseModel):
 def send_test_event(
     body: TestEvent, _: AdminKey = ADMIN, s: Session = Depends(session)
 ) -> dict[str, Any]:
-    event = record_event(s, "webhook.test", body.connection_id, {"test": True})
-    return event.payload
+    return record_event(s, "webhook.test", body.connection_id, {"test": True})

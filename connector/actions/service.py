@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -20,7 +19,7 @@ import connector.payments.protocol as proto
 from connector.actions import schemas as s
 from connector.actions.registry import BY_KEY
 from connector.errors import ConnectorError, ExternalServiceError, NotFound
-from connector.jobs import get_job, mark_job
+from connector.jobs import ClaimedJob, claim_job, set_job_status
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
 from connector.payments import escrow, receive, refunds, send
@@ -30,13 +29,13 @@ from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
-from connector.storage.models.payments import Payment
+from connector.storage.models.payments import Job, Payment
 from connector.x402 import exact_evm
 from connector.x402.codec import decode_b64_json, parse_payment_payload
 from connector.x402.requirement import requirement_from_wire
 
 log = get_logger(__name__)
-Handler = Callable[[Runtime, ConnectionContext, Any, str], BaseModel]
+Handler = Callable[[Runtime, ConnectionContext, Any, ClaimedJob], BaseModel]
 
 
 def problem(exc: ConnectorError) -> dict[str, Any]:
@@ -56,28 +55,34 @@ def _payment_view(payment: Payment) -> s.PaymentView:
     return s.PaymentView.model_validate(payment_snapshot(payment))
 
 
-def _send(rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job_id: str) -> s.SendOutput:
-    prepared = send.prepare_send(rt, ctx, inp, idempotency_key=job_id, job_id=job_id)
+def _send(rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job: ClaimedJob) -> s.SendOutput:
+    prepared = send.prepare_send(
+        rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=job.payment_id is None
+    )
     if prepared.payment is None:
         assert prepared.probe is not None
         return s.SendOutput.model_validate(
             {"payment": None, "response": proto.http_result(prepared.probe)}
         )
     payment = prepared.payment
-    if payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
+    if prepared.counted:
+        payment, _ = send.attempt_send(rt, ctx, payment, inp)
+    elif payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
         payment, _ = send.execute_send(rt, ctx, payment.id)
     response = payment.response if payment.resource_url and payment.response else None
     return s.SendOutput.model_validate({"payment": payment_snapshot(payment), "response": response})
 
 
 def _receive(
-    rt: Runtime, ctx: ConnectionContext, inp: s.ReceiveInput, job_id: str
+    rt: Runtime, ctx: ConnectionContext, inp: s.ReceiveInput, job: ClaimedJob
 ) -> s.ReceiveOutput:
     request = receive.create_request(rt, ctx, inp)
     return s.ReceiveOutput(payment_request=receive.request_view(rt, request))
 
 
-def _verify(rt: Runtime, ctx: ConnectionContext, inp: s.VerifyInput, job_id: str) -> s.VerifyOutput:
+def _verify(
+    rt: Runtime, ctx: ConnectionContext, inp: s.VerifyInput, job: ClaimedJob
+) -> s.VerifyOutput:
     chain = rt.chain(ctx.rpc_url)
     if inp.tx_hash is not None:
         receipt = chain.get_receipt(inp.tx_hash)
@@ -119,9 +124,11 @@ def _verify(rt: Runtime, ctx: ConnectionContext, inp: s.VerifyInput, job_id: str
     return s.VerifyOutput(valid=result.is_valid, reason=result.reason, payer=result.payer)
 
 
-def _refund(rt: Runtime, ctx: ConnectionContext, inp: s.RefundInput, job_id: str) -> s.RefundOutput:
+def _refund(
+    rt: Runtime, ctx: ConnectionContext, inp: s.RefundInput, job: ClaimedJob
+) -> s.RefundOutput:
     amount = int(inp.amount) if inp.amount is not None else None
-    refund = refunds.start_refund(rt, ctx, inp.payment_id, amount, inp.reason, job_id)
+    refund = refunds.start_refund(rt, ctx, inp.payment_id, amount, inp.reason, job.id)
     refund, payment = refunds.settle_refund(rt, ctx, refund.id)
     return s.RefundOutput(
         refund=s.RefundView(
@@ -137,17 +144,19 @@ def _refund(rt: Runtime, ctx: ConnectionContext, inp: s.RefundInput, job_id: str
 
 
 def _release(
-    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job_id: str
+    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job: ClaimedJob
 ) -> s.PaymentOutput:
     return s.PaymentOutput(payment=_payment_view(escrow.release(rt, ctx, inp.payment_id)))
 
 
-def _void(rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job_id: str) -> s.PaymentOutput:
+def _void(
+    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job: ClaimedJob
+) -> s.PaymentOutput:
     return s.PaymentOutput(payment=_payment_view(escrow.void(rt, ctx, inp.payment_id)))
 
 
 def _balance(
-    rt: Runtime, ctx: ConnectionContext, inp: s.BalanceInput, job_id: str
+    rt: Runtime, ctx: ConnectionContext, inp: s.BalanceInput, job: ClaimedJob
 ) -> s.BalanceOutput:
     asset, _, _ = proto.asset_for(rt, ctx, ctx.network, inp.asset)
     balance = rt.chain(ctx.rpc_url).token_balance(asset, ctx.wallet_address)
@@ -181,18 +190,17 @@ HANDLERS: dict[str, Handler] = {
 
 def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     with UnitOfWork(rt.engine) as uow:
-        job = get_job(uow.session, job_id)
-        if job.status in ("succeeded", "failed"):
-            return job.result
-        mark_job(uow.session, job, "running")
+        job = claim_job(uow.session, job_id)
         uow.commit()
+    if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
+        return job.result
     spec = BY_KEY.get(job.action)
     if spec is None:
         raise NotFound(f"unknown action {job.action}")
     started = time.perf_counter()
     status = "retrying"
     try:
-        result = _run(rt, job, spec, job_id)
+        result = _run(rt, job, spec)
         status = "succeeded" if result is not None else "failed"
         return result
     finally:
@@ -201,26 +209,26 @@ def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
         )
 
 
-def _run(rt: Runtime, job: Any, spec: Any, job_id: str) -> dict[str, Any] | None:
+def _run(rt: Runtime, job: ClaimedJob, spec: Any) -> dict[str, Any] | None:
     try:
         inp = spec.input_model.model_validate(job.input or {})
         ctx = load_connection(rt, job.connection_id)
-        output = HANDLERS[job.action](rt, ctx, inp, job.id)
+        output = HANDLERS[job.action](rt, ctx, inp, job)
     except ExternalServiceError as exc:
         if exc.retryable:
             with UnitOfWork(rt.engine) as uow:
-                mark_job(uow.session, get_job(uow.session, job_id), "queued", error=problem(exc))
+                set_job_status(uow.session, job.id, "queued", error=problem(exc))
                 uow.commit()
             raise
-        _fail(rt, job_id, problem(exc))
+        _fail(rt, job.id, problem(exc))
         return None
     except ConnectorError as exc:
-        _fail(rt, job_id, problem(exc))
+        _fail(rt, job.id, problem(exc))
         return None
     except ValidationError as exc:
         _fail(
             rt,
-            job_id,
+            job.id,
             {
                 "type": "https://x402c.dev/problems/validation_failed",
                 "title": "Validation failed",
@@ -231,7 +239,7 @@ def _run(rt: Runtime, job: Any, spec: Any, job_id: str) -> dict[str, Any] | None
         return None
     result = output.model_dump(mode="json", by_alias=True)
     with UnitOfWork(rt.engine) as uow:
-        mark_job(uow.session, get_job(uow.session, job_id), "succeeded", result=result)
+        set_job_status(uow.session, job.id, "succeeded", result=result)
         uow.commit()
     return result
 
@@ -239,7 +247,5 @@ def _run(rt: Runtime, job: Any, spec: Any, job_id: str) -> dict[str, Any] | None
 def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> None:
     log.info("job failed", extra={"job_id": job_id, "problem": error.get("type")})
     with UnitOfWork(rt.engine) as uow:
-        job = get_job(uow.session, job_id)
-        job.updated_at = datetime.now(UTC)
-        mark_job(uow.session, job, "failed", error=error)
+        set_job_status(uow.session, job_id, "failed", error=error)
         uow.commit()

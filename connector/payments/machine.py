@@ -4,41 +4,153 @@ Each call runs inside the caller's unit of work and does three things atomically
 check the edge against :mod:`connector.payments.states`, update the row with optimistic locking
 (``WHERE version = :seen``), and append the matching event to the outbox. If another worker moved
 the payment first, :class:`~connector.errors.ConcurrentUpdate` is raised and nothing is written.
+
+Writes are plain Core statements on the table, not ORM flushes: a payment's hot path is a handful
+of round trips, and the ORM's bookkeeping cost more CPU than the database work itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlalchemy import Table, insert, inspect, update
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlmodel import Session, SQLModel
 
 from connector.errors import ConcurrentUpdate
-from connector.events.outbox import record_event
+from connector.events.outbox import record_events
 from connector.metrics import PAYMENT_TRANSITIONS
 from connector.payments.states import EVENT_FOR_STATE, PaymentState, check_transition
 from connector.payments.views import payment_snapshot
 from connector.storage.models.payments import Payment
 
 _IMMUTABLE = frozenset({"id", "state", "version", "connection_id", "direction", "created_at"})
+# (attribute name, column name) of every Payment column, e.g. ("metadata_", "metadata").
+PAYMENTS: Table = SQLModel.metadata.tables["payments"]
+_COLUMNS = [(attr.key, attr.columns[0].name) for attr in inspect(Payment).column_attrs]
+_COLUMN_OF = dict(_COLUMNS)
 
 
-def insert_payment(session: Session, payment: Payment, *, now: datetime | None = None) -> Payment:
-    """Add a new payment in ``created`` and emit ``payment.created`` in the same transaction."""
+def _row_values(payment: Payment) -> dict[str, Any]:
+    return {column: getattr(payment, key) for key, column in _COLUMNS}
+
+
+def _apply(payment: Payment, values: dict[str, Any]) -> None:
+    # The row was already written by our own UPDATE: record the values as the loaded state, so
+    # the ORM does not see a change and issue a second, unversioned UPDATE at flush.
+    for key, value in values.items():
+        set_committed_value(payment, key, value)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One edge to take: the target state, the columns that change with it, extra event data."""
+
+    target: PaymentState
+    changes: dict[str, Any] = field(default_factory=dict)
+    event_extra: dict[str, Any] | None = None
+
+
+def _walk(
+    payment: Payment, steps: Sequence[Step], now: datetime
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """Apply ``steps`` in memory, checking every edge; return the written values and the events.
+
+    Each step bumps the version and gets its own event carrying the snapshot *after that step*,
+    exactly as if the steps had been separate transitions.
+    """
+    values: dict[str, Any] = {}
+    events: list[tuple[str, dict[str, Any]]] = []
+    for step in steps:
+        check_transition(payment.id, payment.state, step.target)
+        bad = _IMMUTABLE.intersection(step.changes)
+        if bad:
+            raise ValueError(f"transition cannot change {sorted(bad)}")
+        delta = {
+            "state": step.target.value,
+            "version": payment.version + 1,
+            "updated_at": now,
+            **step.changes,
+        }
+        _apply(payment, delta)
+        values.update(delta)
+        data: dict[str, Any] = {"payment": payment_snapshot(payment)}
+        if step.event_extra:
+            data.update(step.event_extra)
+        events.append((EVENT_FOR_STATE[step.target], data))
+        PAYMENT_TRANSITIONS.labels(state=step.target.value, direction=payment.direction).inc()
+    return values, events
+
+
+def _record(session: Session, payment: Payment, events: list[tuple[str, dict[str, Any]]]) -> None:
+    record_events(
+        session,
+        [(type_, payment.connection_id, data, payment.id) for type_, data in events],
+    )
+
+
+def insert_payment(
+    session: Session,
+    payment: Payment,
+    *,
+    now: datetime | None = None,
+    then: Sequence[Step] = (),
+) -> Payment:
+    """Add a new payment in ``created`` (event ``payment.created``), optionally taking the
+    ``then`` steps in the same transaction.
+
+    A payment that is decided, signed and handed to settlement in one go is written as one row
+    with one event per state it passed through: the same history and the same atomicity as
+    separate transitions, at a fraction of the round trips.
+    """
     now = now or datetime.now(UTC)
     payment.state = PaymentState.CREATED.value
     payment.version = 1
     payment.created_at = payment.updated_at = now
-    session.add(payment)
-    session.flush()
-    record_event(
-        session,
-        EVENT_FOR_STATE[PaymentState.CREATED],
-        payment.connection_id,
-        {"payment": payment_snapshot(payment)},
-        payment_id=payment.id,
+    created = (EVENT_FOR_STATE[PaymentState.CREATED], {"payment": payment_snapshot(payment)})
+    PAYMENT_TRANSITIONS.labels(state=payment.state, direction=payment.direction).inc()
+    _, later = _walk(payment, then, now)
+    session.execute(insert(PAYMENTS).values(_row_values(payment)))
+    _record(session, payment, [created, *later])
+    return payment
+
+
+def _columns(values: dict[str, Any]) -> dict[str, Any]:
+    return {_COLUMN_OF.get(key, key): value for key, value in values.items()}
+
+
+def advance(
+    session: Session, payment: Payment, steps: Sequence[Step], *, now: datetime | None = None
+) -> Payment:
+    """Take ``steps`` on a stored payment: one versioned UPDATE, one event per step.
+
+    If another worker moved the payment first, nothing is written and
+    :class:`~connector.errors.ConcurrentUpdate` is raised; ``payment`` is left unchanged.
+    """
+    if not steps:
+        return payment
+    seen = payment.version
+    before = {key: getattr(payment, key) for key, _ in _COLUMNS}
+    try:
+        values, events = _walk(payment, steps, now or datetime.now(UTC))
+    except Exception:
+        _apply(payment, before)
+        raise
+    result = session.execute(
+        update(PAYMENTS)
+        .where(PAYMENTS.c.id == payment.id, PAYMENTS.c.version == seen)
+        .values(_columns(values))
     )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        _apply(payment, before)
+        raise ConcurrentUpdate(
+            f"payment {payment.id} changed concurrently (expected version {seen})",
+            payment_id=payment.id,
+        )
+    _record(session, payment, events)
     return payment
 
 
@@ -52,39 +164,7 @@ def transition(
     **changes: Any,
 ) -> Payment:
     """Move ``payment`` to ``target``, applying ``changes`` to other columns in the same write."""
-    check_transition(payment.id, payment.state, target)
-    bad = _IMMUTABLE.intersection(changes)
-    if bad:
-        raise ValueError(f"transition cannot change {sorted(bad)}")
-    now = now or datetime.now(UTC)
-    seen = payment.version
-    values: dict[str, Any] = {
-        "state": target.value,
-        "version": seen + 1,
-        "updated_at": now,
-        **changes,
-    }
-    result = session.execute(
-        update(Payment)
-        .where(col(Payment.id) == payment.id, col(Payment.version) == seen)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise ConcurrentUpdate(
-            f"payment {payment.id} changed concurrently (expected version {seen})",
-            payment_id=payment.id,
-        )
-    for key, value in values.items():
-        setattr(payment, key, value)
-    PAYMENT_TRANSITIONS.labels(state=target.value, direction=payment.direction).inc()
-    data: dict[str, Any] = {"payment": payment_snapshot(payment)}
-    if event_extra:
-        data.update(event_extra)
-    record_event(
-        session, EVENT_FOR_STATE[target], payment.connection_id, data, payment_id=payment.id
-    )
-    return payment
+    return advance(session, payment, [Step(target, changes, event_extra)], now=now)
 
 
 def update_fields(
@@ -97,13 +177,11 @@ def update_fields(
     seen = payment.version
     values = {"version": seen + 1, "updated_at": now or datetime.now(UTC), **changes}
     result = session.execute(
-        update(Payment)
-        .where(col(Payment.id) == payment.id, col(Payment.version) == seen)
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        update(PAYMENTS)
+        .where(PAYMENTS.c.id == payment.id, PAYMENTS.c.version == seen)
+        .values(_columns(values))
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrentUpdate(f"payment {payment.id} changed concurrently", payment_id=payment.id)
-    for key, value in values.items():
-        setattr(payment, key, value)
+    _apply(payment, values)
     return payment

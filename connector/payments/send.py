@@ -14,6 +14,7 @@ Two phases, each safe to repeat:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,12 +25,12 @@ from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions.schemas import SendInput
-from connector.errors import ExternalServiceError, PolicyRefused
+from connector.errors import ConcurrentUpdate, ExternalServiceError, PolicyRefused
 from connector.ids import new_id
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
 from connector.payments.http_fetch import Fetched, FetchFailed
-from connector.payments.machine import insert_payment, transition, update_fields
+from connector.payments.machine import Step, advance, insert_payment, transition, update_fields
 from connector.payments.onchain import authorization_used
 from connector.payments.states import PaymentState
 from connector.policy import budgets
@@ -46,6 +47,9 @@ S = PaymentState
 class SendPrepared:
     payment: Payment | None
     probe: Fetched | None  # set when the URL answered without asking for payment
+    # True when this call signed and moved the payment to ``settling`` with its first attempt
+    # counted: the caller goes straight to :func:`attempt_send`.
+    counted: bool = False
 
 
 def find_by_key(session: Session, connection_id: str, key: str | None) -> Payment | None:
@@ -73,11 +77,18 @@ def prepare_send(
     idempotency_key: str | None,
     job_id: str | None = None,
     now: datetime | None = None,
+    known_new: bool = False,
 ) -> SendPrepared:
-    with UnitOfWork(rt.engine) as uow:
-        existing = find_by_key(uow.session, ctx.id, idempotency_key)
-        if existing is not None:
-            return SendPrepared(existing, None)
+    """Decide, sign and hand to settlement in one transaction (or find the earlier payment).
+
+    ``known_new`` says the caller already knows no payment carries this key (a job that has no
+    payment linked yet), which saves the lookup; the unique key still guards against a race.
+    """
+    if not known_new:
+        with UnitOfWork(rt.engine) as uow:
+            existing = find_by_key(uow.session, ctx.id, idempotency_key)
+            if existing is not None:
+                return SendPrepared(existing, None)
 
     resource: dict[str, Any] | None = None
     if inp.url is not None:
@@ -121,26 +132,32 @@ def prepare_send(
         metadata_=dict(inp.metadata) or None,
     )
     with UnitOfWork(rt.engine) as uow:
+        steps = decide(
+            uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now
+        )
+        counted = bool(steps) and steps[-1].target is S.AUTHORIZED
+        if counted:
+            # Signed: hand it to settlement in the same commit. The authorization is stored
+            # before anything uses it, and a crash from here on leaves a visible ``settling``
+            # payment that the task retry or the reconciler finishes with the same signature.
+            steps.append(Step(S.SETTLING, {"settle_attempts": 1}))
         try:
-            insert_payment(uow.session, payment, now=now)
+            insert_payment(uow.session, payment, now=now, then=steps)
+            if job_id is not None:  # link the action job in the same transaction
+                uow.session.execute(
+                    update(Job).where(col(Job.id) == job_id).values(payment_id=payment.id)
+                )
+            uow.commit()
         except IntegrityError:
             uow.rollback()
             again = find_by_key(uow.session, ctx.id, idempotency_key)
             if again is None:
                 raise
             return SendPrepared(again, None)
-        decide_and_sign(
-            uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now
-        )
-        if job_id is not None:  # link the action job in the same transaction
-            uow.session.execute(
-                update(Job).where(col(Job.id) == job_id).values(payment_id=payment.id)
-            )
-        uow.commit()
-    return SendPrepared(payment, None)
+    return SendPrepared(payment, None, counted=counted)
 
 
-def decide_and_sign(
+def decide(
     session: Session,
     rt: Runtime,
     ctx: ConnectionContext,
@@ -152,8 +169,12 @@ def decide_and_sign(
     now: datetime,
     *,
     approved: bool = False,
-) -> None:
-    """Run the policy on a ``created`` (or approved) payment and sign if everything agrees."""
+) -> list[Step]:
+    """Run the policy on a ``created`` (or approved) payment and sign if everything agrees.
+
+    Returns the steps to take (the caller writes them); the budget reservation, when one is
+    needed, is already made in ``session``.
+    """
     policy = ctx.policy
     try:
         if refusal is not None:
@@ -181,23 +202,10 @@ def decide_and_sign(
                         f"{use.window} budget {use.limit} would be exceeded",
                         rule=f"budget.{use.window}",
                     )
-            transition(
-                session,
-                payment,
-                S.SIMULATED,
-                now=now,
-                response={"would_pay": proto.requirement_to_wire(requirement, 2)},
-            )
-            return
+            would_pay = {"would_pay": proto.requirement_to_wire(requirement, 2)}
+            return [Step(S.SIMULATED, {"response": would_pay})]
         if not approved and needs_approval(policy, payment.amount):
-            transition(
-                session,
-                payment,
-                S.REQUIRES_APPROVAL,
-                now=now,
-                approvals_required=policy.approvals_required,
-            )
-            return
+            return [Step(S.REQUIRES_APPROVAL, {"approvals_required": policy.approvals_required})]
         budgets.reserve(
             session,
             connection_id=ctx.id,
@@ -205,17 +213,10 @@ def decide_and_sign(
             amount=payment.amount,
             policy=policy,
             now=now,
+            fresh=not approved,
         )
     except PolicyRefused as refused:
-        transition(
-            session,
-            payment,
-            S.REJECTED,
-            now=now,
-            failure_code=refused.rule,
-            failure_reason=refused.detail,
-        )
-        return
+        return [Step(S.REJECTED, {"failure_code": refused.rule, "failure_reason": refused.detail})]
     signed = proto.sign_payment(
         ctx.account(),
         requirement,
@@ -223,16 +224,46 @@ def decide_and_sign(
         resource,
         accepted_raw=payment.requirement,
     )
-    transition(
+    return [
+        Step(
+            S.AUTHORIZED,
+            {
+                "signed_payload": signed.wire,
+                "nonce": signed.nonce,
+                "valid_before": signed.valid_before,
+                "payer": signed.payer,
+            },
+        )
+    ]
+
+
+def decide_and_sign(
+    session: Session,
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    requirement: proto.Requirement,
+    resource: dict[str, Any] | None,
+    refusal: PolicyRefused | None,
+    max_amount: str | None,
+    now: datetime,
+    *,
+    approved: bool = False,
+) -> None:
+    """:func:`decide` for a payment that is already stored (an approved one)."""
+    steps = decide(
         session,
+        rt,
+        ctx,
         payment,
-        S.AUTHORIZED,
-        now=now,
-        signed_payload=signed.wire,
-        nonce=signed.nonce,
-        valid_before=signed.valid_before,
-        payer=signed.payer,
+        requirement,
+        resource,
+        refusal,
+        max_amount,
+        now,
+        approved=approved,
     )
+    advance(session, payment, steps, now=now)
 
 
 def _job_input(session: Session, payment_id: str) -> SendInput | None:
@@ -266,7 +297,14 @@ def execute_send(
             return payment, None
         inp = _job_input(uow.session, payment_id) if payment.resource_url else None
         uow.commit()
+    return attempt_send(rt, ctx, payment, inp)
 
+
+def attempt_send(
+    rt: Runtime, ctx: ConnectionContext, payment: Payment, inp: SendInput | None
+) -> tuple[Payment, Fetched | None]:
+    """One attempt with the stored authorization of a ``settling`` payment whose attempt has
+    already been counted (by :func:`execute_send` or by :func:`prepare_send`)."""
     if payment.resource_url is not None:
         return _pay_url(rt, ctx, payment, inp)
     return _settle_direct(rt, ctx, payment), None
@@ -345,21 +383,42 @@ def _authorization_used(rt: Runtime, ctx: ConnectionContext, payment: Payment) -
         return False
 
 
+def _finish(
+    rt: Runtime, payment: Payment, step: Step, budget_op: Callable[[Session, str], bool]
+) -> Payment:
+    """Take the final step from ``settling`` using the copy in hand (no re-read). If the row
+    moved meanwhile (a reconciler or a parallel retry), re-read it: whoever finished first wins.
+    """
+    with UnitOfWork(rt.engine) as uow:
+        current = payment
+        try:
+            advance(uow.session, current, [step])
+        except ConcurrentUpdate:
+            uow.rollback()
+            fresh = uow.session.get(Payment, payment.id)
+            assert fresh is not None
+            current = fresh
+            if current.state != S.SETTLING.value:
+                return current
+            advance(uow.session, current, [step])
+        budget_op(uow.session, current.id)
+        uow.commit()
+        return current
+
+
+def _keep(session: Session, payment_id: str) -> bool:
+    return False
+
+
 def _finish_settled(
     rt: Runtime, payment: Payment, tx_hash: str | None, response: dict[str, Any] | None = None
 ) -> Payment:
-    with UnitOfWork(rt.engine) as uow:
-        current = uow.session.get(Payment, payment.id)
-        assert current is not None
-        if current.state != S.SETTLING.value:
-            return current
-        changes: dict[str, Any] = {"tx_hash": tx_hash}
-        if response is not None:
-            changes["response"] = response
-        transition(uow.session, current, S.SETTLED, **changes)
-        budgets.confirm(uow.session, current.id)
-        uow.commit()
-        return current
+    if payment.state != S.SETTLING.value:
+        return payment
+    changes: dict[str, Any] = {"tx_hash": tx_hash}
+    if response is not None:
+        changes["response"] = response
+    return _finish(rt, payment, Step(S.SETTLED, changes), budgets.confirm)
 
 
 def _finish_failed(
@@ -374,16 +433,9 @@ def _finish_failed(
     """Fail the payment. The budget reservation is released only when nothing can move any more;
     otherwise it stays held until the authorization's deadline passes (the reconciler releases it).
     """
-    with UnitOfWork(rt.engine) as uow:
-        current = uow.session.get(Payment, payment.id)
-        assert current is not None
-        if current.state != S.SETTLING.value:
-            return current
-        changes: dict[str, Any] = {"failure_code": code, "failure_reason": reason[:1000]}
-        if response is not None:
-            changes["response"] = response
-        transition(uow.session, current, S.FAILED, **changes)
-        if definite:
-            budgets.release(uow.session, current.id)
-        uow.commit()
-        return current
+    if payment.state != S.SETTLING.value:
+        return payment
+    changes: dict[str, Any] = {"failure_code": code, "failure_reason": reason[:1000]}
+    if response is not None:
+        changes["response"] = response
+    return _finish(rt, payment, Step(S.FAILED, changes), budgets.release if definite else _keep)

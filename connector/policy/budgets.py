@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlmodel import Session, col
+from sqlmodel import Session, SQLModel, col
 
 from connector.errors import PolicyRefused
 from connector.events.outbox import record_event
@@ -27,6 +27,7 @@ from connector.policy.rules import BUDGET_WINDOWS, SpendingPolicy
 from connector.storage.models.payments import BudgetLock, Reservation
 
 ACTIVE = ("held", "confirmed")
+RESERVATIONS: Table = SQLModel.metadata.tables["reservations"]
 
 
 @dataclass(frozen=True)
@@ -95,22 +96,22 @@ def reserve(
     amount: int,
     policy: SpendingPolicy,
     now: datetime | None = None,
-) -> Reservation:
+    fresh: bool = False,
+) -> None:
     """Set ``amount`` aside or raise :class:`PolicyRefused` (rule ``budget.<window>``).
 
-    Idempotent per payment: a second call for the same payment returns the existing reservation.
+    Idempotent per payment: a second call for the same payment keeps the existing reservation.
+    ``fresh`` says the payment is being created in this very transaction, so it cannot have a
+    reservation yet and the lookup is skipped (the unique payment_id still guards it).
     """
     now = now or datetime.now(UTC)
     if not policy.budget_limits():
         # No budget to protect: record the spend without serializing on the lock row.
-        return _insert(session, connection_id, payment_id, amount, now)
+        _insert(session, connection_id, payment_id, amount, now, fresh)
+        return
     _lock(session, connection_id)
-    existing = session.execute(
-        select(Reservation).where(col(Reservation.payment_id) == payment_id)
-    ).scalar_one_or_none()
-    if existing is not None:
-        assert isinstance(existing, Reservation)
-        return existing
+    if not fresh and _exists(session, payment_id):
+        return
     for use in usage(session, connection_id, policy, now):
         if use.spent + amount > use.limit:
             raise PolicyRefused(
@@ -132,38 +133,38 @@ def reserve(
                     "ratio": policy.budget_alert_ratio,
                 },
             )
-    return _insert(session, connection_id, payment_id, amount, now)
+    _insert(session, connection_id, payment_id, amount, now, fresh)
+
+
+def _exists(session: Session, payment_id: str) -> bool:
+    found = session.execute(
+        select(RESERVATIONS.c.id).where(RESERVATIONS.c.payment_id == payment_id)
+    ).first()
+    return found is not None
 
 
 def _insert(
-    session: Session, connection_id: str, payment_id: str, amount: int, now: datetime
-) -> Reservation:
-    existing = session.execute(
-        select(Reservation).where(col(Reservation.payment_id) == payment_id)
-    ).scalar_one_or_none()
-    if isinstance(existing, Reservation):
-        return existing
-    reservation = Reservation(
-        id=new_id("rsv"),
-        connection_id=connection_id,
-        payment_id=payment_id,
-        amount=amount,
-        status="held",
-        created_at=now,
-        updated_at=now,
+    session: Session, connection_id: str, payment_id: str, amount: int, now: datetime, fresh: bool
+) -> None:
+    if not fresh and _exists(session, payment_id):
+        return
+    session.execute(
+        insert(RESERVATIONS).values(
+            id=new_id("rsv"),
+            connection_id=connection_id,
+            payment_id=payment_id,
+            amount=amount,
+            status="held",
+            created_at=now,
+            updated_at=now,
+        )
     )
-    session.add(reservation)
-    session.flush()
-    return reservation
 
 
 def _set_status(session: Session, payment_id: str, status: str, from_status: str) -> bool:
     result = session.execute(
-        update(Reservation)
-        .where(
-            col(Reservation.payment_id) == payment_id,
-            col(Reservation.status) == from_status,
-        )
+        update(RESERVATIONS)
+        .where(RESERVATIONS.c.payment_id == payment_id, RESERVATIONS.c.status == from_status)
         .values(status=status, updated_at=datetime.now(UTC))
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from sqlalchemy.engine import Engine
 
 from connector.errors import ConcurrentUpdate, IllegalTransition
 from connector.ids import new_id
-from connector.payments.machine import insert_payment, transition
+from connector.payments.machine import Step, advance, insert_payment, transition
 from connector.payments.states import PaymentState as S
 from connector.storage.db import UnitOfWork, transaction
 from connector.storage.models.events import Event
@@ -76,3 +76,54 @@ def test_illegal_transition_writes_nothing(engine: Engine) -> None:
     with transaction(engine) as s:
         stored = s.get(Payment, p.id)
         assert stored is not None and stored.state == "created"
+
+
+def test_a_new_payment_can_take_several_steps_in_one_write(engine: Engine) -> None:
+    with transaction(engine) as s:
+        p = insert_payment(
+            s,
+            new_payment(),
+            then=[
+                Step(S.AUTHORIZED, {"nonce": "0x" + "b" * 64}),
+                Step(S.SETTLING, {"settle_attempts": 1}),
+            ],
+        )
+    with transaction(engine) as s:
+        stored = s.get(Payment, p.id)
+        assert stored is not None
+        assert (stored.state, stored.version, stored.settle_attempts) == ("settling", 3, 1)
+        assert stored.nonce == "0x" + "b" * 64
+        events = s.execute(
+            select(Event).where(Event.payment_id == p.id).order_by(Event.id)
+        ).scalars()
+        # One event per state passed through, each with the snapshot as of that step.
+        seen = [
+            (e.type, e.payload["data"]["payment"]["state"], e.payload["data"]["payment"]["version"])
+            for e in events
+        ]
+    assert seen == [
+        ("payment.created", "created", 1),
+        ("payment.authorized", "authorized", 2),
+        ("payment.settling", "settling", 3),
+    ]
+
+
+def test_an_illegal_step_in_a_chain_writes_nothing(engine: Engine) -> None:
+    with pytest.raises(IllegalTransition), transaction(engine) as s:
+        insert_payment(s, new_payment(), then=[Step(S.AUTHORIZED), Step(S.REFUNDED)])
+    with transaction(engine) as s:
+        assert s.execute(select(Payment)).first() is None
+        assert s.execute(select(Event)).first() is None
+
+
+def test_a_lost_race_leaves_the_copy_in_hand_unchanged(engine: Engine) -> None:
+    with transaction(engine) as s:
+        p = insert_payment(s, new_payment())
+    with transaction(engine) as s:
+        winner = s.get(Payment, p.id)
+        assert winner is not None
+        transition(s, winner, S.AUTHORIZED)
+    with pytest.raises(ConcurrentUpdate), transaction(engine) as s:
+        advance(s, p, [Step(S.AUTHORIZED), Step(S.SETTLING)])
+    # The caller can still tell what it last knew, and retry from a fresh read.
+    assert (p.state, p.version) == ("created", 1)

@@ -98,7 +98,7 @@ def emit(rt: Runtime, conn_id: str, n: int) -> list[str]:
     ids = []
     with transaction(rt.engine) as s:
         for i in range(n):
-            ids.append(record_event(s, "webhook.test", conn_id, {"n": i}).id)
+            ids.append(record_event(s, "webhook.test", conn_id, {"n": i})["id"])
     return ids
 
 
