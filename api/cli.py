@@ -98,17 +98,23 @@ def serve(
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="Worker threads.")] = 8,
+    concurrency: Annotated[int, typer.Option(help="Threads (or processes) of this worker.")] = 8,
+    pool: Annotated[
+        str, typer.Option(help="threads, prefork or solo (see docs/operations.md).")
+    ] = "threads",
+    loglevel: Annotated[str, typer.Option(help="Celery's own log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker (stateless; run as many as you need)."""
     from workers.celery_app import celery_app
     from workers.runtime import runtime
     from workers.wiring import wire
 
+    if pool not in ("threads", "prefork", "solo"):
+        raise typer.BadParameter("pool must be threads, prefork or solo", param_hint="--pool")
     _settings()
     wire(runtime(), celery_app)
     celery_app.worker_main(
-        ["worker", "--pool=threads", f"--concurrency={concurrency}", "--loglevel=INFO"]
+        ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
     )
 
 

@@ -29,6 +29,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - 10),
+        # Every outcome is stored where it belongs (job rows, payments, deliveries); nothing
+        # reads Celery results, so storing them would only cost a Redis write per task.
+        task_ignore_result=True,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -7,11 +7,18 @@ left to do.
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Task
 
+# Imported when the worker starts, not inside the first task: the payment stack (eth-account,
+# SQLAlchemy models, pydantic schemas) takes over a second to import, which would otherwise land
+# on the first payment every worker runs.
+from connector.actions.service import run_job as run_action
 from connector.errors import ConcurrentUpdate, ExternalServiceError
+from connector.jobs import purge_expired
+from connector.payments import maintenance
+from connector.payments.driver import drive
+from connector.retry import backoff_delay
+from connector.storage.db import transaction
 from workers.celery_app import celery_app
 from workers.runtime import runtime
 
@@ -19,29 +26,28 @@ RETRYABLE = (ExternalServiceError, ConcurrentUpdate)
 
 
 def _retry_countdown(task: Task) -> float:
-    from connector.retry import backoff_delay
-
     return 1.0 + backoff_delay(task.request.retries, base=2.0, cap=300.0)
 
 
 @celery_app.task(bind=True, name="x402c.run_job", max_retries=8, acks_late=True)
-def run_job(self: Task, job_id: str) -> dict[str, Any] | None:
-    """Run one action job (send, receive, verify, refund, release, void, balance)."""
-    from connector.actions.service import run_job as run
+def run_job(self: Task, job_id: str) -> str:
+    """Run one action job (send, receive, verify, refund, release, void, balance).
 
+    Returns only the job's outcome: the result itself lives in the job row (``GET /v1/jobs``),
+    so it is neither copied into a result backend nor into Celery's own task log.
+    """
     try:
-        return run(runtime(), job_id)
+        result = run_action(runtime(), job_id)
     except RETRYABLE as exc:
         if getattr(exc, "retryable", True):
             raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
         raise
+    return "succeeded" if result is not None else "failed"
 
 
 @celery_app.task(bind=True, name="x402c.drive_payment", max_retries=8, acks_late=True)
 def drive_payment(self: Task, payment_id: str) -> str:
     """Push a payment forward from whatever state it is in (settle, reconcile)."""
-    from connector.payments.driver import drive
-
     try:
         return drive(runtime(), payment_id)
     except RETRYABLE as exc:
@@ -50,30 +56,21 @@ def drive_payment(self: Task, payment_id: str) -> str:
 
 @celery_app.task(name="x402c.expire_holds")
 def expire_holds() -> int:
-    from connector.payments.maintenance import expire_holds as run
-
-    return run(runtime())
+    return maintenance.expire_holds(runtime())
 
 
 @celery_app.task(name="x402c.reconcile_payments")
 def reconcile_payments() -> int:
-    from connector.payments.maintenance import reconcile as run
-
-    return run(runtime())
+    return maintenance.reconcile(runtime())
 
 
 @celery_app.task(name="x402c.requeue_stale_jobs")
 def requeue_stale_jobs() -> int:
-    from connector.payments.maintenance import requeue_stale_jobs as run
-
-    return run(runtime())
+    return maintenance.requeue_stale_jobs(runtime())
 
 
 @celery_app.task(name="x402c.purge_idempotency_keys")
 def purge_idempotency_keys() -> int:
-    from connector.jobs import purge_expired
-    from connector.storage.db import transaction
-
     with transaction(runtime().engine) as session:
         return purge_expired(session)
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from connector.webhooks.dispatcher import dispatch
 from workers.celery_app import celery_app
 from workers.runtime import runtime
 
 
 @celery_app.task(name="x402c.dispatch_webhooks", acks_late=True)
 def dispatch_webhooks() -> int:
-    from connector.webhooks.dispatcher import dispatch
-
     return dispatch(runtime())
 
 

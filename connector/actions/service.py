@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
-from sqlmodel import col
+from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions import schemas as s
@@ -35,7 +36,7 @@ from connector.x402.codec import decode_b64_json, parse_payment_payload
 from connector.x402.requirement import requirement_from_wire
 
 log = get_logger(__name__)
-Handler = Callable[[Runtime, ConnectionContext, Any, ClaimedJob], BaseModel]
+Handler = Callable[[Runtime, ConnectionContext, Any, ClaimedJob], Any]
 
 
 def problem(exc: ConnectorError) -> dict[str, Any]:
@@ -55,7 +56,25 @@ def _payment_view(payment: Payment) -> s.PaymentView:
     return s.PaymentView.model_validate(payment_snapshot(payment))
 
 
-def _send(rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job: ClaimedJob) -> s.SendOutput:
+@dataclass(frozen=True)
+class Done:
+    """A handler's answer when it already wrote the job's result in its own last transaction."""
+
+    result: dict[str, Any]
+
+
+def _send_output(payment: Payment) -> s.SendOutput:
+    response = payment.response if payment.resource_url and payment.response else None
+    return s.SendOutput.model_validate({"payment": payment_snapshot(payment), "response": response})
+
+
+def _dump(output: BaseModel) -> dict[str, Any]:
+    return output.model_dump(mode="json", by_alias=True)
+
+
+def _send(
+    rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job: ClaimedJob
+) -> s.SendOutput | Done:
     prepared = send.prepare_send(
         rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=job.payment_id is None
     )
@@ -65,12 +84,22 @@ def _send(rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job: ClaimedJob
             {"payment": None, "response": proto.http_result(prepared.probe)}
         )
     payment = prepared.payment
+    written: list[dict[str, Any]] = []
+
+    def record(session: Session, final: Payment) -> None:
+        # The job's result commits with the payment's final state: one transaction, and no
+        # window in which a settled payment's job still looks unfinished.
+        result = _dump(_send_output(final))
+        set_job_status(session, job.id, "succeeded", result=result)
+        written.append(result)
+
     if prepared.counted:
-        payment, _ = send.attempt_send(rt, ctx, payment, inp)
+        payment, _ = send.attempt_send(rt, ctx, payment, inp, on_final=record)
     elif payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
         payment, _ = send.execute_send(rt, ctx, payment.id)
-    response = payment.response if payment.resource_url and payment.response else None
-    return s.SendOutput.model_validate({"payment": payment_snapshot(payment), "response": response})
+    if written:
+        return Done(written[0])
+    return _send_output(payment)
 
 
 def _receive(
@@ -191,6 +220,12 @@ HANDLERS: dict[str, Handler] = {
 def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     with UnitOfWork(rt.engine) as uow:
         job = claim_job(uow.session, job_id)
+        ctx: ConnectionContext | None = None
+        if not isinstance(job, Job):
+            try:  # read in the claim's transaction: one round trip fewer per job
+                ctx = load_connection(rt, job.connection_id, uow.session)
+            except ConnectorError:
+                ctx = None  # _run reads it again and reports the error on the job
         uow.commit()
     if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
         return job.result
@@ -200,7 +235,7 @@ def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     started = time.perf_counter()
     status = "retrying"
     try:
-        result = _run(rt, job, spec)
+        result = _run(rt, job, spec, ctx)
         status = "succeeded" if result is not None else "failed"
         return result
     finally:
@@ -209,10 +244,12 @@ def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
         )
 
 
-def _run(rt: Runtime, job: ClaimedJob, spec: Any) -> dict[str, Any] | None:
+def _run(
+    rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None
+) -> dict[str, Any] | None:
     try:
         inp = spec.input_model.model_validate(job.input or {})
-        ctx = load_connection(rt, job.connection_id)
+        ctx = ctx or load_connection(rt, job.connection_id)
         output = HANDLERS[job.action](rt, ctx, inp, job)
     except ExternalServiceError as exc:
         if exc.retryable:
@@ -237,7 +274,9 @@ def _run(rt: Runtime, job: ClaimedJob, spec: Any) -> dict[str, Any] | None:
             },
         )
         return None
-    result = output.model_dump(mode="json", by_alias=True)
+    if isinstance(output, Done):
+        return output.result
+    result = _dump(output)
     with UnitOfWork(rt.engine) as uow:
         set_job_status(uow.session, job.id, "succeeded", result=result)
         uow.commit()

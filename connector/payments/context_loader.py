@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from eth_account.signers.local import LocalAccount
+from sqlmodel import Session
 
 from connector.connections import service as connections
 from connector.payments.context import ConnectionContext
@@ -11,9 +12,15 @@ from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 
 
-def load_connection(rt: Runtime, connection_id: str) -> ConnectionContext:
-    with UnitOfWork(rt.engine) as uow:
-        conn = connections.get(uow.session, connection_id)
+def load_connection(
+    rt: Runtime, connection_id: str, session: Session | None = None
+) -> ConnectionContext:
+    """Read the connection (in ``session`` when the caller has a transaction open anyway)."""
+    if session is not None:
+        conn = connections.get(session, connection_id)
+    else:
+        with UnitOfWork(rt.engine) as uow:
+            conn = connections.get(uow.session, connection_id)
     vault = rt.vault
 
     def account() -> LocalAccount:

@@ -41,6 +41,9 @@ from connector.storage.models.payments import Job, Payment
 
 log = get_logger(__name__)
 S = PaymentState
+# Called inside the transaction that gives a payment its final state, so that whatever the caller
+# records about the outcome (an action job's result) commits together with it.
+OnFinal = Callable[[Session, Payment], None]
 
 
 @dataclass
@@ -301,17 +304,25 @@ def execute_send(
 
 
 def attempt_send(
-    rt: Runtime, ctx: ConnectionContext, payment: Payment, inp: SendInput | None
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    inp: SendInput | None,
+    on_final: OnFinal | None = None,
 ) -> tuple[Payment, Fetched | None]:
     """One attempt with the stored authorization of a ``settling`` payment whose attempt has
     already been counted (by :func:`execute_send` or by :func:`prepare_send`)."""
     if payment.resource_url is not None:
-        return _pay_url(rt, ctx, payment, inp)
-    return _settle_direct(rt, ctx, payment), None
+        return _pay_url(rt, ctx, payment, inp, on_final)
+    return _settle_direct(rt, ctx, payment, on_final), None
 
 
 def _pay_url(
-    rt: Runtime, ctx: ConnectionContext, payment: Payment, inp: SendInput | None
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    inp: SendInput | None,
+    on_final: OnFinal | None = None,
 ) -> tuple[Payment, Fetched | None]:
     assert payment.signed_payload is not None and payment.resource_url is not None
     name, value = proto.payment_header(payment.x402_version or 2, payment.signed_payload)
@@ -331,7 +342,7 @@ def _pay_url(
     if 200 <= fetched.status < 300:
         tx = settlement.get("transaction") if settlement else None
         if tx or _authorization_used(rt, ctx, payment):
-            return _finish_settled(rt, payment, tx or None, response=result), fetched
+            return _finish_settled(rt, payment, tx or None, result, on_final), fetched
         # Accepted but not settled yet (the payee holds it, e.g. manual capture): stay in
         # settling with the response recorded; the reconciler settles or fails it from the chain.
         with UnitOfWork(rt.engine) as uow:
@@ -341,7 +352,7 @@ def _pay_url(
             uow.commit()
             return current, fetched
     if _authorization_used(rt, ctx, payment):
-        return _finish_settled(rt, payment, None, response=result), fetched
+        return _finish_settled(rt, payment, None, result, on_final), fetched
     if fetched.status >= 500:
         raise ExternalServiceError(
             f"{payment.resource_url} answered HTTP {fetched.status} to the paid request",
@@ -355,23 +366,28 @@ def _pay_url(
         f"server answered HTTP {fetched.status}: {reason}",
         definite=False,
         response=result,
+        on_final=on_final,
     ), fetched
 
 
-def _settle_direct(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
+def _settle_direct(
+    rt: Runtime, ctx: ConnectionContext, payment: Payment, on_final: OnFinal | None = None
+) -> Payment:
     assert payment.signed_payload is not None and payment.requirement is not None
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
     answer = facilitator.settle(payment.signed_payload, payment.requirement)
     if answer.get("success"):
-        return _finish_settled(rt, payment, str(answer.get("transaction") or "") or None)
+        tx_hash = str(answer.get("transaction") or "") or None
+        return _finish_settled(rt, payment, tx_hash, None, on_final)
     if _authorization_used(rt, ctx, payment):
-        return _finish_settled(rt, payment, None)
+        return _finish_settled(rt, payment, None, None, on_final)
     return _finish_failed(
         rt,
         payment,
         "settlement_failed",
         str(answer.get("errorReason") or "facilitator refused to settle"),
         definite=True,
+        on_final=on_final,
     )
 
 
@@ -384,7 +400,11 @@ def _authorization_used(rt: Runtime, ctx: ConnectionContext, payment: Payment) -
 
 
 def _finish(
-    rt: Runtime, payment: Payment, step: Step, budget_op: Callable[[Session, str], bool]
+    rt: Runtime,
+    payment: Payment,
+    step: Step,
+    budget_op: Callable[[Session, str], bool],
+    on_final: OnFinal | None,
 ) -> Payment:
     """Take the final step from ``settling`` using the copy in hand (no re-read). If the row
     moved meanwhile (a reconciler or a parallel retry), re-read it: whoever finished first wins.
@@ -402,6 +422,8 @@ def _finish(
                 return current
             advance(uow.session, current, [step])
         budget_op(uow.session, current.id)
+        if on_final is not None:
+            on_final(uow.session, current)
         uow.commit()
         return current
 
@@ -411,14 +433,18 @@ def _keep(session: Session, payment_id: str) -> bool:
 
 
 def _finish_settled(
-    rt: Runtime, payment: Payment, tx_hash: str | None, response: dict[str, Any] | None = None
+    rt: Runtime,
+    payment: Payment,
+    tx_hash: str | None,
+    response: dict[str, Any] | None = None,
+    on_final: OnFinal | None = None,
 ) -> Payment:
     if payment.state != S.SETTLING.value:
         return payment
     changes: dict[str, Any] = {"tx_hash": tx_hash}
     if response is not None:
         changes["response"] = response
-    return _finish(rt, payment, Step(S.SETTLED, changes), budgets.confirm)
+    return _finish(rt, payment, Step(S.SETTLED, changes), budgets.confirm, on_final)
 
 
 def _finish_failed(
@@ -429,6 +455,7 @@ def _finish_failed(
     *,
     definite: bool,
     response: dict[str, Any] | None = None,
+    on_final: OnFinal | None = None,
 ) -> Payment:
     """Fail the payment. The budget reservation is released only when nothing can move any more;
     otherwise it stays held until the authorization's deadline passes (the reconciler releases it).
@@ -438,4 +465,5 @@ def _finish_failed(
     changes: dict[str, Any] = {"failure_code": code, "failure_reason": reason[:1000]}
     if response is not None:
         changes["response"] = response
-    return _finish(rt, payment, Step(S.FAILED, changes), budgets.release if definite else _keep)
+    release = budgets.release if definite else _keep
+    return _finish(rt, payment, Step(S.FAILED, changes), release, on_final)

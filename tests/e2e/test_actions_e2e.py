@@ -215,3 +215,56 @@ def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
     assert any(e["data"]["payment"]["id"] == hold["id"] for e in events["data"])
     assert maintenance.expire_holds(stack.runtime, now=deadline + timedelta(seconds=1)) >= 1
     assert buyer.http.get(f"/v1/admin/payments/{hold['id']}").json()["state"] == "expired"
+
+
+def test_a_crash_while_recording_a_settlement_never_pays_twice(
+    buyer: Agent, seller: Agent, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's result commits with the payment's final state. If that transaction dies after
+    the facilitator settled, both roll back together; the retry finds the same payment in
+    ``settling``, reuses the stored authorization and records it once: money moves once."""
+    from sqlalchemy import select
+
+    import connector.actions.service as service
+    from connector.jobs import start_job
+    from connector.storage.db import transaction
+    from connector.storage.models.payments import Job, Payment
+
+    rt = stack.runtime
+    before = seller.balance()
+    with transaction(rt.engine) as s:
+        job_id = start_job(
+            s,
+            connection_id=buyer.connection_id,
+            action="send",
+            body={"to": seller.account.address, "amount": "4321"},
+            idempotency_key=None,
+        ).job.id
+
+    real = service.set_job_status
+
+    def crash_on_success(session: Any, job: str, status: str, **kw: Any) -> None:
+        if job == job_id and status == "succeeded":
+            raise RuntimeError("worker died while committing")
+        real(session, job, status, **kw)
+
+    monkeypatch.setattr(service, "set_job_status", crash_on_success)
+    with pytest.raises(RuntimeError):
+        service.run_job(rt, job_id)
+    monkeypatch.setattr(service, "set_job_status", real)
+    assert seller.balance() == before + 4321  # the facilitator did settle
+    with transaction(rt.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "running" and job.payment_id
+        payment = s.get(Payment, job.payment_id)
+        assert payment is not None and payment.state == "settling"  # rolled back together
+
+    result = service.run_job(rt, job_id)  # what the task retry does
+    assert result is not None and result["payment"]["state"] == "settled"
+    assert result["payment"]["id"] == payment.id
+    assert seller.balance() == before + 4321  # not a second time
+    with transaction(rt.engine) as s:
+        mine = s.execute(select(Payment).where(Payment.idempotency_key == job_id)).scalars().all()
+        assert len(mine) == 1 and mine[0].settle_attempts == 2
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "succeeded" and job.result == result
