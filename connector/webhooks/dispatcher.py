@@ -42,11 +42,17 @@ def fan_out(rt: Runtime, *, now: datetime | None = None, batch: int = 1000) -> i
     now = now or datetime.now(UTC)
     with UnitOfWork(rt.engine) as uow:
         s = uow.session
-        events = list(
-            s.execute(
-                select(Event).where(~col(Event.dispatched)).order_by(col(Event.id)).limit(batch)
-            ).scalars()
+        # Only what routing needs (not the payloads), and on PostgreSQL rows another dispatcher
+        # is fanning out right now are skipped instead of waited for and done twice.
+        pending = (
+            select(col(Event.id), col(Event.type), col(Event.connection_id))
+            .where(~col(Event.dispatched))
+            .order_by(col(Event.id))
+            .limit(batch)
         )
+        if s.get_bind().dialect.name == "postgresql":
+            pending = pending.with_for_update(skip_locked=True)
+        events = s.execute(pending).all()
         if not events:
             return 0
         global_subs = list(
