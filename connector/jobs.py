@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col
 
@@ -184,6 +184,25 @@ class ClaimedJob:
 
 
 FINISHED = ("succeeded", "failed")
+_CLAIM = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status.not_in(FINISHED))
+    .values(status="running", attempts=JOBS.c.attempts + 1, updated_at=bindparam("b_now"))
+    .returning(
+        JOBS.c.id,
+        JOBS.c.connection_id,
+        JOBS.c.action,
+        JOBS.c.input,
+        JOBS.c.payment_id,
+        JOBS.c.attempts,
+    )
+)
+_SET_STATUS = update(JOBS).where(JOBS.c.id == bindparam("b_id"))
+
+
+def link_payment(session: Session, job_id: str, payment_id: str) -> None:
+    """Record which payment a job made (in the transaction that creates the payment)."""
+    session.execute(_SET_STATUS, {"payment_id": payment_id, "b_id": job_id})
 
 
 def claim_job(session: Session, job_id: str, now: datetime | None = None) -> ClaimedJob | Job:
@@ -192,19 +211,7 @@ def claim_job(session: Session, job_id: str, now: datetime | None = None) -> Cla
     Returns the claimed job, or the stored :class:`Job` when it has already finished (its result
     stands; a redelivered task must not run the action again).
     """
-    row = session.execute(
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status.not_in(FINISHED))
-        .values(status="running", attempts=JOBS.c.attempts + 1, updated_at=now or datetime.now(UTC))
-        .returning(
-            JOBS.c.id,
-            JOBS.c.connection_id,
-            JOBS.c.action,
-            JOBS.c.input,
-            JOBS.c.payment_id,
-            JOBS.c.attempts,
-        )
-    ).first()
+    row = session.execute(_CLAIM, {"b_id": job_id, "b_now": now or datetime.now(UTC)}).first()
     if row is None:
         return get_job(session, job_id)
     return ClaimedJob(*row)
@@ -223,4 +230,4 @@ def set_job_status(
         values["result"] = result
     if error is not None:
         values["error"] = error
-    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(values))
+    session.execute(_SET_STATUS, {**values, "b_id": job_id})

@@ -18,6 +18,7 @@ from connector.events.notify import mark_pending
 from connector.ids import new_id
 
 EVENTS: Table = SQLModel.metadata.tables["events"]
+_INSERT = insert(EVENTS)
 
 
 def _build(
@@ -64,7 +65,7 @@ def record_event(
     transaction reads back, and skipping the identity map keeps a payment's hot path cheap.
     """
     row = _build(type, connection_id, data, payment_id, now or datetime.now(UTC))
-    session.execute(insert(EVENTS).values(row))
+    session.execute(_INSERT, row)
     mark_pending(session)
     return dict(row["payload"])
 
@@ -81,5 +82,5 @@ def record_events(
         return
     now = now or datetime.now(UTC)
     rows = [_build(t, c, d, p, now) for t, c, d, p in events]
-    session.execute(insert(EVENTS), rows)
+    session.execute(_INSERT, rows)
     mark_pending(session)

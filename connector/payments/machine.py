@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, inspect, update
+from sqlalchemy import Table, bindparam, insert, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel
 
@@ -32,6 +32,12 @@ _IMMUTABLE = frozenset({"id", "state", "version", "connection_id", "direction", 
 PAYMENTS: Table = SQLModel.metadata.tables["payments"]
 _COLUMNS = [(attr.key, attr.columns[0].name) for attr in inspect(Payment).column_attrs]
 _COLUMN_OF = dict(_COLUMNS)
+# Statements built once: the SET list of the versioned UPDATE comes from the parameters given
+# at execution, so SQLAlchemy compiles each shape once and only binds values afterwards.
+_INSERT = insert(PAYMENTS)
+_UPDATE = update(PAYMENTS).where(
+    PAYMENTS.c.id == bindparam("b_id"), PAYMENTS.c.version == bindparam("b_seen")
+)
 
 
 def _row_values(payment: Payment) -> dict[str, Any]:
@@ -113,7 +119,7 @@ def insert_payment(
     created = (EVENT_FOR_STATE[PaymentState.CREATED], {"payment": payment_snapshot(payment)})
     PAYMENT_TRANSITIONS.labels(state=payment.state, direction=payment.direction).inc()
     _, later = _walk(payment, then, now)
-    session.execute(insert(PAYMENTS).values(_row_values(payment)))
+    session.execute(_INSERT, _row_values(payment))
     _record(session, payment, [created, *later])
     return payment
 
@@ -139,11 +145,7 @@ def advance(
     except Exception:
         _apply(payment, before)
         raise
-    result = session.execute(
-        update(PAYMENTS)
-        .where(PAYMENTS.c.id == payment.id, PAYMENTS.c.version == seen)
-        .values(_columns(values))
-    )
+    result = session.execute(_UPDATE, {**_columns(values), "b_id": payment.id, "b_seen": seen})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         _apply(payment, before)
         raise ConcurrentUpdate(
@@ -176,11 +178,7 @@ def update_fields(
         raise ValueError(f"update_fields cannot change {sorted(bad)}")
     seen = payment.version
     values = {"version": seen + 1, "updated_at": now or datetime.now(UTC), **changes}
-    result = session.execute(
-        update(PAYMENTS)
-        .where(PAYMENTS.c.id == payment.id, PAYMENTS.c.version == seen)
-        .values(_columns(values))
-    )
+    result = session.execute(_UPDATE, {**_columns(values), "b_id": payment.id, "b_seen": seen})
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConcurrentUpdate(f"payment {payment.id} changed concurrently", payment_id=payment.id)
     _apply(payment, values)

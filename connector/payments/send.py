@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -27,6 +27,7 @@ import connector.payments.protocol as proto
 from connector.actions.schemas import SendInput
 from connector.errors import ConcurrentUpdate, ExternalServiceError, PolicyRefused
 from connector.ids import new_id
+from connector.jobs import link_payment
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
 from connector.payments.http_fetch import Fetched, FetchFailed
@@ -147,9 +148,7 @@ def prepare_send(
         try:
             insert_payment(uow.session, payment, now=now, then=steps)
             if job_id is not None:  # link the action job in the same transaction
-                uow.session.execute(
-                    update(Job).where(col(Job.id) == job_id).values(payment_id=payment.id)
-                )
+                link_payment(uow.session, job_id, payment.id)
             uow.commit()
         except IntegrityError:
             uow.rollback()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col
@@ -28,6 +28,10 @@ from connector.storage.models.payments import BudgetLock, Reservation
 
 ACTIVE = ("held", "confirmed")
 RESERVATIONS: Table = SQLModel.metadata.tables["reservations"]
+_INSERT = insert(RESERVATIONS)
+_SET_STATUS = update(RESERVATIONS).where(
+    RESERVATIONS.c.payment_id == bindparam("b_pay"), RESERVATIONS.c.status == bindparam("b_from")
+)
 
 
 @dataclass(frozen=True)
@@ -149,23 +153,28 @@ def _insert(
     if not fresh and _exists(session, payment_id):
         return
     session.execute(
-        insert(RESERVATIONS).values(
-            id=new_id("rsv"),
-            connection_id=connection_id,
-            payment_id=payment_id,
-            amount=amount,
-            status="held",
-            created_at=now,
-            updated_at=now,
-        )
+        _INSERT,
+        {
+            "id": new_id("rsv"),
+            "connection_id": connection_id,
+            "payment_id": payment_id,
+            "amount": amount,
+            "status": "held",
+            "created_at": now,
+            "updated_at": now,
+        },
     )
 
 
 def _set_status(session: Session, payment_id: str, status: str, from_status: str) -> bool:
     result = session.execute(
-        update(RESERVATIONS)
-        .where(RESERVATIONS.c.payment_id == payment_id, RESERVATIONS.c.status == from_status)
-        .values(status=status, updated_at=datetime.now(UTC))
+        _SET_STATUS,
+        {
+            "status": status,
+            "updated_at": datetime.now(UTC),
+            "b_pay": payment_id,
+            "b_from": from_status,
+        },
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
