@@ -41,7 +41,8 @@ from connector.x402.requirement import Requirement
 from workers.celery_app import make_celery
 
 ADMIN_DSN = os.environ.get("X402C_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-N = int(os.environ.get("BENCH_N", "200"))
+N = int(os.environ.get("BENCH_N", "300"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +53,7 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     state = Path(tempfile.mkdtemp()) / "devchain.json"
-    node, info = start_devchain(fund_count=10, state_file=state)
+    node, info = start_devchain(fund_count=6 + 2 * ROUNDS + 4, state_file=state)
     db = "x402c_bench_" + secrets.token_hex(4)
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
@@ -88,7 +89,7 @@ def main() -> None:
             network=info.network,
             amount=1,
             asset=info.token,
-            pay_to=accounts[9].address,
+            pay_to=accounts[19].address,
             max_timeout_seconds=600,
             extra={"name": info.token_name, "version": info.token_version},
         )
@@ -99,15 +100,17 @@ def main() -> None:
         sdk.set_spend_controls({"allowed_assets": True})
         sdk_fac = HTTPFacilitatorClientSync(FacilitatorConfig(url=fac_url))
         offer = PaymentRequired(accepts=[PaymentRequirements.model_validate(req.to_v2())])
-        sdk_lat = []
-        start = time.perf_counter()
-        for _ in range(N // 2):
-            t0 = time.perf_counter()
-            payload = sdk.create_payment_payload(offer)
-            assert sdk_fac.verify(payload, offer.accepts[0]).is_valid
-            assert sdk_fac.settle(payload, offer.accepts[0]).success
-            sdk_lat.append((time.perf_counter() - t0) * 1000)
-        sdk_rate = (N // 2) / (time.perf_counter() - start)
+
+        def sdk_round() -> tuple[float, list[float]]:
+            lat = []
+            start = time.perf_counter()
+            for _ in range(N // 2):
+                t0 = time.perf_counter()
+                payload = sdk.create_payment_payload(offer)
+                assert sdk_fac.verify(payload, offer.accepts[0]).is_valid
+                assert sdk_fac.settle(payload, offer.accepts[0]).success
+                lat.append((time.perf_counter() - t0) * 1000)
+            return (N // 2) / (time.perf_counter() - start), lat
 
         keys = MasterKeyRing.generate_spec("s1")
         broker = "redis://127.0.0.1:6379/15"
@@ -125,15 +128,20 @@ def main() -> None:
             "X402C_LOG_LEVEL": "WARNING",
         }
         app = make_celery(settings)
-        results = {}
-        for workers, payer in ((1, accounts[6]), (2, accounts[7])):
+        results: dict[str, list[tuple[float, list[float]]]] = {"sdk": [], "1": [], "2": []}
+        configs = [(r, w) for r in range(ROUNDS) for w in (0, 1, 2)]
+        for round_no, workers in configs:
+            if workers == 0:
+                results["sdk"].append(sdk_round())
+                continue
+            payer = accounts[6 + (workers - 1) + 2 * round_no]
             with transaction(rt.engine) as s:
                 conn_id = connections.create(
                     s,
                     rt.vault,
                     ConnectionCreate.model_validate(
                         {
-                            "name": f"bench {workers}",
+                            "name": f"bench {workers} round {round_no}",
                             "network": info.network,
                             "rpc_url": info.rpc_url,
                             "facilitator_url": fac_url,
@@ -165,7 +173,7 @@ def main() -> None:
                         s,
                         connection_id=conn_id,
                         action="send",
-                        body={"to": accounts[9].address, "amount": "1"},
+                        body={"to": accounts[19].address, "amount": "1"},
                         idempotency_key=None,
                     ).job.id
                     for _ in range(N)
@@ -190,20 +198,33 @@ def main() -> None:
                 )
             assert all(j.status == "succeeded" for j in jobs)
             lat = [(j.updated_at - j.created_at).total_seconds() * 1000 for j in jobs]
-            results[workers] = (N / elapsed, statistics.median(lat), pct(lat, 0.95))
+            results[str(workers)].append((N / elapsed, lat))
             for p in procs:
                 p.terminate()
                 p.wait(timeout=20)
             procs = []
-        print(f"send end to end, N={N} direct payments per run (Redis, PostgreSQL, anvil)")
+        print(
+            f"send end to end, direct payments (Redis, PostgreSQL, anvil); {ROUNDS} interleaved "
+            f"rounds, median of rounds; N={N} per run of ours, {N // 2} per SDK run"
+        )
+
+        def summary(runs: list[tuple[float, list[float]]]) -> tuple[float, float, float, str]:
+            rates = [r for r, _ in runs]
+            lat = [x for _, values in runs for x in values]
+            spread = " ".join(f"{r:.1f}" for r in rates)
+            return statistics.median(rates), statistics.median(lat), pct(lat, 0.95), spread
+
+        sdk_rate, sdk_p50, sdk_p95, sdk_spread = summary(results["sdk"])
         print(
             f"  bare SDK loop sign->verify->settle (sequential): {sdk_rate:6.1f}/s  "
-            f"p50 {statistics.median(sdk_lat):5.0f} ms  p95 {pct(sdk_lat, 0.95):5.0f} ms"
+            f"p50 {sdk_p50:5.0f} ms  p95 {sdk_p95:5.0f} ms   runs: {sdk_spread}"
         )
-        for workers, (rate, p50, p95) in results.items():
+        for workers in ("1", "2"):
+            rate, p50, p95, spread = summary(results[workers])
             print(
                 f"  our send, {workers} worker(s) x 8 threads:            {rate:6.1f}/s  "
-                f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms  ({rate / sdk_rate:.2f}x SDK loop)"
+                f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms  ({rate / sdk_rate:.2f}x SDK loop)   "
+                f"runs: {spread}"
             )
         print("  (latency of ours = job queued -> finished, so it includes queueing of the batch)")
     finally:
