@@ -83,3 +83,32 @@ def test_stale_jobs_are_requeued_from_the_database(engine: Engine, tmp_path) -> 
     assert sent == [("x402c.run_job", (old.job.id,))]
     assert requeue_stale_jobs(rt) == 0  # touched: not again before the next threshold
     assert fresh.job.id not in {args[0] for _, args in sent}
+
+
+def test_losing_a_key_race_leaves_no_orphan_job(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request B checked the key before request A stored it; A then finished. B's insert of the
+    key fails, B answers with A's job — and must not commit the job it had created meanwhile
+    (a queued orphan would later be run by the stale-job sweep: a second payment)."""
+    from sqlalchemy import select
+
+    import connector.jobs as jobs
+    from connector.storage.models.payments import Job
+
+    winner = start(engine, "race")
+    with transaction(engine) as s:
+        finish_request(s, winner.idempotency_record_id)
+    real = jobs._live_record
+    calls = []
+
+    def first_look_misses(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return None if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_live_record", first_look_misses)
+    loser = start(engine, "race")
+    assert not loser.created and loser.job.id == winner.job.id
+    with transaction(engine) as s:
+        rows = s.execute(select(Job.id).where(Job.connection_id == "conn_a")).scalars().all()
+    assert rows == [winner.job.id]
