@@ -212,13 +212,13 @@ _CLAIM = (
         JOBS.c.attempts,
     )
 )
-_SET_STATUS = update(JOBS).where(JOBS.c.id == bindparam("b_id"))
+_UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("b_id"))
 _INSERT_JOB = insert(JOBS)
 
 
 def link_payment(session: Session, job_id: str, payment_id: str) -> None:
     """Record which payment a job made (in the transaction that creates the payment)."""
-    session.execute(_SET_STATUS, {"payment_id": payment_id, "b_id": job_id})
+    session.execute(_UPDATE_JOB, {"payment_id": payment_id, "b_id": job_id})
 
 
 def claim_job(session: Session, job_id: str, now: datetime | None = None) -> ClaimedJob | Job:
@@ -246,4 +246,4 @@ def set_job_status(
         values["result"] = result
     if error is not None:
         values["error"] = error
-    session.execute(_SET_STATUS, {**values, "b_id": job_id})
+    session.execute(_UPDATE_JOB, {**values, "b_id": job_id})

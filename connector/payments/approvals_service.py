@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import connector.payments.protocol as proto
+from connector.payments import send
 from connector.payments.context_loader import load_connection
-from connector.payments.send import decide_and_sign
+from connector.payments.machine import advance
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.policy.approvals import record_decision
@@ -36,18 +37,11 @@ def decide(
             requirement = proto.requirement_from_stored(
                 payment.requirement, payment.x402_version or 2
             )
-            decide_and_sign(
-                uow.session,
-                rt,
-                ctx,
-                payment,
-                requirement,
-                None,
-                None,
-                None,
-                datetime.now(UTC),
-                approved=True,
+            now = datetime.now(UTC)
+            steps = send.decide(
+                uow.session, rt, ctx, payment, requirement, None, None, None, now, approved=True
             )
+            advance(uow.session, payment, steps, now=now)
         uow.commit()
     if payment.state == PaymentState.AUTHORIZED:
         rt.dispatch("x402c.drive_payment", (payment.id,))

@@ -139,7 +139,8 @@ def advance(
     if not steps:
         return payment
     seen = payment.version
-    before = {key: getattr(payment, key) for key, _ in _COLUMNS}
+    touched = {"state", "version", "updated_at"}.union(*(step.changes for step in steps))
+    before = {key: getattr(payment, key) for key in touched}
     try:
         values, events = _walk(payment, steps, now or datetime.now(UTC))
     except Exception:

@@ -239,35 +239,6 @@ def decide(
     ]
 
 
-def decide_and_sign(
-    session: Session,
-    rt: Runtime,
-    ctx: ConnectionContext,
-    payment: Payment,
-    requirement: proto.Requirement,
-    resource: dict[str, Any] | None,
-    refusal: PolicyRefused | None,
-    max_amount: str | None,
-    now: datetime,
-    *,
-    approved: bool = False,
-) -> None:
-    """:func:`decide` for a payment that is already stored (an approved one)."""
-    steps = decide(
-        session,
-        rt,
-        ctx,
-        payment,
-        requirement,
-        resource,
-        refusal,
-        max_amount,
-        now,
-        approved=approved,
-    )
-    advance(session, payment, steps, now=now)
-
-
 def _job_input(session: Session, payment_id: str) -> SendInput | None:
     job = (
         session.execute(

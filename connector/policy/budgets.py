@@ -109,12 +109,15 @@ def reserve(
     reservation yet and the lookup is skipped (the unique payment_id still guards it).
     """
     now = now or datetime.now(UTC)
-    if not policy.budget_limits():
-        # No budget to protect: record the spend without serializing on the lock row.
-        _insert(session, connection_id, payment_id, amount, now, fresh)
-        return
-    _lock(session, connection_id)
+    limited = bool(policy.budget_limits())
+    if limited:
+        # Serialize with every other decision for this connection before reading anything.
+        _lock(session, connection_id)
     if not fresh and _exists(session, payment_id):
+        return
+    if not limited:
+        # No budget to protect: record the spend without serializing on the lock row.
+        _insert(session, connection_id, payment_id, amount, now)
         return
     for use in usage(session, connection_id, policy, now):
         if use.spent + amount > use.limit:
@@ -137,7 +140,7 @@ def reserve(
                     "ratio": policy.budget_alert_ratio,
                 },
             )
-    _insert(session, connection_id, payment_id, amount, now, fresh)
+    _insert(session, connection_id, payment_id, amount, now)
 
 
 def _exists(session: Session, payment_id: str) -> bool:
@@ -148,10 +151,8 @@ def _exists(session: Session, payment_id: str) -> bool:
 
 
 def _insert(
-    session: Session, connection_id: str, payment_id: str, amount: int, now: datetime, fresh: bool
+    session: Session, connection_id: str, payment_id: str, amount: int, now: datetime
 ) -> None:
-    if not fresh and _exists(session, payment_id):
-        return
     session.execute(
         _INSERT,
         {
