@@ -29,7 +29,7 @@ from connector.payments.context_loader import load_connection
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.runtime import Runtime
-from connector.storage.db import UnitOfWork
+from connector.storage.db import UnitOfWork, one_connection
 from connector.storage.models.payments import Job, Payment
 from connector.x402 import exact_evm
 from connector.x402.codec import decode_b64_json, parse_payment_payload
@@ -73,10 +73,19 @@ def _dump(output: BaseModel) -> dict[str, Any]:
 
 
 def _send(
-    rt: Runtime, ctx: ConnectionContext, inp: s.SendInput, job: ClaimedJob
+    rt: Runtime,
+    ctx: ConnectionContext,
+    inp: s.SendInput,
+    job: ClaimedJob,
+    claim: UnitOfWork | None = None,
 ) -> s.SendOutput | Done:
+    """``claim``: the job's uncommitted claim; a first direct send commits it with the payment."""
+    fresh = job.payment_id is None
+    if claim is not None and not fresh:
+        claim.commit()
+        claim = None
     prepared = send.prepare_send(
-        rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=job.payment_id is None
+        rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=fresh, uow=claim
     )
     if prepared.payment is None:
         assert prepared.probe is not None
@@ -218,40 +227,51 @@ HANDLERS: dict[str, Handler] = {
 
 
 def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
-    with UnitOfWork(rt.engine) as uow:
-        job = claim_job(uow.session, job_id)
-        ctx: ConnectionContext | None = None
-        if not isinstance(job, Job):
-            try:  # read in the claim's transaction: one round trip fewer per job
-                ctx = load_connection(rt, job.connection_id, uow.session)
-            except ConnectorError:
-                ctx = None  # _run reads it again and reports the error on the job
-        uow.commit()
-    if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
-        return job.result
-    spec = BY_KEY.get(job.action)
-    if spec is None:
-        raise NotFound(f"unknown action {job.action}")
-    started = time.perf_counter()
-    status = "retrying"
-    try:
-        result = _run(rt, job, spec, ctx)
-        status = "succeeded" if result is not None else "failed"
-        return result
-    finally:
-        ACTION_SECONDS.labels(action=job.action, status=status).observe(
-            time.perf_counter() - started
-        )
+    with one_connection(rt.engine):
+        return _claim_and_run(rt, job_id)
+
+
+def _claim_and_run(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+    # The claim is handed to the action uncommitted: a direct send commits it together with its
+    # payment (one transaction fewer per payment); every other path commits it before doing
+    # anything else, so no other transaction ever waits on the job row this one has locked.
+    with UnitOfWork(rt.engine) as claim:
+        job = claim_job(claim.session, job_id)
+        if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
+            return job.result
+        spec = BY_KEY.get(job.action)
+        if spec is None:
+            claim.commit()
+            raise NotFound(f"unknown action {job.action}")
+        try:  # read in the claim's transaction: one round trip fewer per job
+            ctx: ConnectionContext | None = load_connection(rt, job.connection_id, claim.session)
+        except ConnectorError:
+            ctx = None  # _run reads it again and reports the error on the job
+        started = time.perf_counter()
+        status = "retrying"
+        try:
+            result = _run(rt, job, spec, ctx, claim)
+            status = "succeeded" if result is not None else "failed"
+            return result
+        finally:
+            ACTION_SECONDS.labels(action=job.action, status=status).observe(
+                time.perf_counter() - started
+            )
 
 
 def _run(
-    rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None
+    rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None, claim: UnitOfWork
 ) -> dict[str, Any] | None:
     try:
         inp = spec.input_model.model_validate(job.input or {})
-        ctx = ctx or load_connection(rt, job.connection_id)
-        output = HANDLERS[job.action](rt, ctx, inp, job)
+        if job.action == "send" and ctx is not None:
+            output: Any = _send(rt, ctx, inp, job, claim)
+        else:
+            claim.commit()
+            ctx = ctx or load_connection(rt, job.connection_id)
+            output = HANDLERS[job.action](rt, ctx, inp, job)
     except ExternalServiceError as exc:
+        claim.rollback()  # (a no-op once committed) the job row must be free for the next write
         if exc.retryable:
             with UnitOfWork(rt.engine) as uow:
                 set_job_status(uow.session, job.id, "queued", error=problem(exc))
@@ -260,9 +280,11 @@ def _run(
         _fail(rt, job.id, problem(exc))
         return None
     except ConnectorError as exc:
+        claim.rollback()
         _fail(rt, job.id, problem(exc))
         return None
     except ValidationError as exc:
+        claim.rollback()
         _fail(
             rt,
             job.id,

@@ -305,6 +305,10 @@ class ChainClient:
     def authorization_used(self, asset: str, authorizer: str, nonce: str) -> bool:
         return self.authorization_state(asset, authorizer, nonce)
 
+    def cached_token_domain(self, asset: str) -> tuple[str, str] | None:
+        """The domain if :meth:`token_domain` has read it before (no network call)."""
+        return self._domains.get(asset.lower())
+
     def token_domain(self, asset: str) -> tuple[str, str]:
         """The token's EIP-712 name and version, read from the contract once and cached
         (a deployed token's domain does not change)."""

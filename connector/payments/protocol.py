@@ -23,6 +23,7 @@ from connector.x402 import codec
 from connector.x402.codec import IncomingPayment, PaymentOffer
 from connector.x402.errors import ProtocolError
 from connector.x402.exact_evm import sign_exact
+from connector.x402.fields import checksum
 from connector.x402.networks import USDC, to_caip2
 from connector.x402.requirement import Requirement, requirement_from_wire
 
@@ -103,6 +104,20 @@ def asset_for(
     rt: Runtime, ctx: ConnectionContext, network: str, asset: str | None
 ) -> tuple[str, str, str]:
     """(token address, EIP-712 name, version) for payments on ``network``."""
+    found = _asset(rt, ctx, network, asset, read_chain=True)
+    assert found is not None
+    return found
+
+
+def direct_requirement_is_local(rt: Runtime, ctx: ConnectionContext, inp: SendInput) -> bool:
+    """True when :func:`direct_requirement` needs no network call (the token's domain is known)."""
+    network = normalize_network(inp.network or ctx.network)
+    return _asset(rt, ctx, network, inp.asset, read_chain=False) is not None
+
+
+def _asset(
+    rt: Runtime, ctx: ConnectionContext, network: str, asset: str | None, *, read_chain: bool
+) -> tuple[str, str, str] | None:
     chosen = asset or ctx.extra.get("asset")
     known = USDC.get(network)
     if chosen is None:
@@ -114,24 +129,24 @@ def asset_for(
         return known.address, known.name, known.version
     if known is not None and known.address.lower() == str(chosen).lower():
         return known.address, known.name, known.version
-    name, version = rt.chain(ctx.rpc_url).token_domain(str(chosen))
-    from eth_utils.address import to_checksum_address
-
-    return str(to_checksum_address(str(chosen))), name, version
+    chain = rt.chain(ctx.rpc_url)
+    token = str(chosen)
+    domain = chain.token_domain(token) if read_chain else chain.cached_token_domain(token)
+    if domain is None:
+        return None
+    return checksum(token), domain[0], domain[1]
 
 
 def direct_requirement(rt: Runtime, ctx: ConnectionContext, inp: SendInput) -> Chosen:
     assert inp.to is not None and inp.amount is not None
     network = normalize_network(inp.network or ctx.network)
     asset, name, version = asset_for(rt, ctx, network, inp.asset)
-    from eth_utils.address import to_checksum_address
-
     requirement = Requirement(
         scheme="exact",
         network=network,
         amount=int(inp.amount),
         asset=asset,
-        pay_to=str(to_checksum_address(inp.to)),
+        pay_to=checksum(inp.to),
         max_timeout_seconds=300,
         extra={"name": name, "version": version},
     )

@@ -14,7 +14,8 @@ Two phases, each safe to repeat:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -82,12 +83,19 @@ def prepare_send(
     job_id: str | None = None,
     now: datetime | None = None,
     known_new: bool = False,
+    uow: UnitOfWork | None = None,
 ) -> SendPrepared:
     """Decide, sign and hand to settlement in one transaction (or find the earlier payment).
 
     ``known_new`` says the caller already knows no payment carries this key (a job that has no
     payment linked yet), which saves the lookup; the unique key still guards against a race.
+    ``uow``: an open unit of work (a job's claim) to commit the payment in, for a direct
+    payment only; it is committed before anything that may call the network.
     """
+    if uow is not None and (
+        inp.url is not None or not proto.direct_requirement_is_local(rt, ctx, inp)
+    ):
+        uow.commit()  # a network call comes first: end the caller's transaction before it
     if not known_new:
         with UnitOfWork(rt.engine) as uow:
             existing = find_by_key(uow.session, ctx.id, idempotency_key)
@@ -135,7 +143,7 @@ def prepare_send(
         dry_run=inp.dry_run or ctx.policy.dry_run,
         metadata_=dict(inp.metadata) or None,
     )
-    with UnitOfWork(rt.engine) as uow:
+    with _same_or_new(rt, uow) as uow:
         steps = decide(
             uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now
         )
@@ -157,6 +165,16 @@ def prepare_send(
                 raise
             return SendPrepared(again, None)
     return SendPrepared(payment, None, counted=counted)
+
+
+@contextmanager
+def _same_or_new(rt: Runtime, uow: UnitOfWork | None) -> Iterator[UnitOfWork]:
+    """The caller's open unit of work (the caller closes it), or a new one closed here."""
+    if uow is not None:
+        yield uow
+        return
+    with UnitOfWork(rt.engine) as fresh:
+        yield fresh
 
 
 def decide(

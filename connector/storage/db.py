@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, create_engine
 
 
@@ -41,6 +42,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+# The connection that units of work opened in this thread (or task) should use, if any.
+_PINNED: ContextVar[tuple[Engine, Connection] | None] = ContextVar("x402c_pinned", default=None)
+
+
+@contextmanager
+def one_connection(engine: Engine) -> Iterator[None]:
+    """Run the units of work opened inside the block on one pooled connection, one after another.
+
+    A job makes two or three short transactions. Checking a connection out of the pool for each
+    costs a liveness ping (a round trip) and pool bookkeeping every time; holding one for the
+    job costs one ping. A unit of work opened while another is still open on the pinned
+    connection (nesting) gets its own connection, exactly as without the pin.
+    """
+    with engine.connect() as conn:
+        token = _PINNED.set((engine, conn))
+        try:
+            yield
+        finally:
+            _PINNED.reset(token)
+
+
 class UnitOfWork:
     """One transaction. Use as ``with UnitOfWork(engine) as uow: ...; uow.commit()``.
 
@@ -58,7 +80,13 @@ class UnitOfWork:
         return self._session
 
     def __enter__(self) -> UnitOfWork:
-        self._session = Session(self.engine, expire_on_commit=False)
+        pinned = _PINNED.get()
+        if pinned is not None and pinned[0] is self.engine and not pinned[1].in_transaction():
+            # The session begins (and owns) the transaction on the pinned connection; close()
+            # ends it and leaves the connection open for the next unit of work.
+            self._session = Session(bind=pinned[1], expire_on_commit=False)
+        else:
+            self._session = Session(self.engine, expire_on_commit=False)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import to_checksum_address
@@ -66,11 +67,18 @@ def positive_int(data: dict[str, Any], key: str, where: str, *, default: int | N
     return value
 
 
+@lru_cache(maxsize=4096)
+def checksum(value: str) -> str:
+    """EIP-55 form of an address. Cached: a handful of addresses (wallets, payees, tokens) recur
+    on every payment, and each checksum costs a Keccak hash plus eth_utils' validation."""
+    return str(to_checksum_address(value))
+
+
 def address(data: dict[str, Any], key: str, where: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not _ADDRESS.match(value):
         raise MalformedPayment(f"{where}.{key} must be a 0x-address", field=f"{where}.{key}")
-    return str(to_checksum_address(value))
+    return checksum(value)
 
 
 def bytes32(data: dict[str, Any], key: str, where: str) -> str:
