@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from eth_account.signers.local import LocalAccount
-
 from connector.policy.rules import SpendingPolicy
+from connector.x402.exact_evm import SigningKey
 
 
 @dataclass
@@ -24,11 +23,11 @@ class ConnectionContext:
     wallet_address: str
     capture_default: str
     policy: SpendingPolicy
-    _account: Callable[[], LocalAccount] = field(repr=False)
+    _account: Callable[[], SigningKey] = field(repr=False)
     _api_key: Callable[[], str | None] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def account(self) -> LocalAccount:
+    def account(self) -> SigningKey:
         return self._account()
 
     def api_key(self) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from eth_account.signers.local import LocalAccount
 from sqlmodel import Session
 
 from connector.connections import service as connections
@@ -10,6 +9,7 @@ from connector.payments.context import ConnectionContext
 from connector.policy.rules import SpendingPolicy
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
+from connector.x402.exact_evm import SigningKey
 
 
 def load_connection(
@@ -17,13 +17,13 @@ def load_connection(
 ) -> ConnectionContext:
     """Read the connection (in ``session`` when the caller has a transaction open anyway)."""
     if session is not None:
-        conn = connections.get(session, connection_id)
+        conn = connections.get_for_payment(session, connection_id)
     else:
         with UnitOfWork(rt.engine) as uow:
-            conn = connections.get(uow.session, connection_id)
+            conn = connections.get_for_payment(uow.session, connection_id)
     vault = rt.vault
 
-    def account() -> LocalAccount:
+    def account() -> SigningKey:
         return connections.signing_account(vault, conn)
 
     def api_key() -> str | None:

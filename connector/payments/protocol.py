@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from eth_account.signers.local import LocalAccount
-
 from connector.actions.schemas import SendInput
 from connector.errors import PolicyRefused, ValidationFailed
 from connector.payments.context import ConnectionContext
@@ -22,7 +20,7 @@ from connector.storage.models.payments import Payment
 from connector.x402 import codec
 from connector.x402.codec import IncomingPayment, PaymentOffer
 from connector.x402.errors import ProtocolError
-from connector.x402.exact_evm import sign_exact
+from connector.x402.exact_evm import SigningKey, sign_exact
 from connector.x402.fields import checksum
 from connector.x402.networks import USDC, to_caip2
 from connector.x402.requirement import Requirement, requirement_from_wire
@@ -186,7 +184,7 @@ class Signed:
 
 
 def sign_payment(
-    account: LocalAccount,
+    account: SigningKey,
     requirement: Requirement,
     version: int,
     resource: dict[str, Any] | None,

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-from coincurve import PublicKey
+from coincurve import PrivateKey, PublicKey
 from eth_abi.abi import encode
-from eth_account.signers.local import LocalAccount
-from eth_typing import Hash32
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -179,8 +177,34 @@ class SignedExact:
         return self.payload.authorization.valid_before
 
 
+class SigningKey(Protocol):
+    """A private key and the address it controls: eth-account's ``LocalAccount`` or a
+    :class:`Signer`."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def key(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The least a signer needs. Building an eth-account ``LocalAccount`` derives the public key
+    and its address again (about 0.1 ms) although the connection already stores the address."""
+
+    address: str
+    key: bytes = field(repr=False)
+
+
+def sign_digest(key: bytes, digest: bytes) -> bytes:
+    """65-byte Ethereum signature ``r || s || v`` (v = 27 or 28, low s) of a 32-byte digest."""
+    raw = PrivateKey(bytes(key)).sign_recoverable(digest, hasher=None)
+    return raw[:64] + bytes([raw[64] + 27])
+
+
 def sign_exact(
-    account: LocalAccount, requirement: Requirement, *, now: int | None = None
+    account: SigningKey, requirement: Requirement, *, now: int | None = None
 ) -> SignedExact:
     """Sign a fresh authorization paying exactly ``requirement.amount`` to ``pay_to``."""
     if requirement.scheme != "exact":
@@ -205,9 +229,7 @@ def sign_exact(
         chain_id=chain_id_of(requirement.network),
         asset=requirement.asset,
     )
-    signed = account.unsafe_sign_hash(Hash32(digest))
-    signature = signed.r.to_bytes(32, "big") + signed.s.to_bytes(32, "big") + bytes([signed.v])
-    return SignedExact(ExactPayload(signature, auth))
+    return SignedExact(ExactPayload(sign_digest(account.key, digest), auth))
 
 
 # ------------------------------------------------------------------------------ verification

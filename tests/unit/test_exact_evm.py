@@ -52,6 +52,27 @@ def test_signature_matches_eth_account_typed_data_signing() -> None:
     assert Account.recover_message(message, signature=payload.signature) == PAYER.address
 
 
+def test_own_digest_signing_is_byte_identical_to_eth_account() -> None:
+    # sign_digest replaces eth-account on the hot path: same (deterministic, RFC 6979) signature,
+    # including the low-s form and v in {27, 28}, for many keys and digests.
+    import secrets
+
+    vs = set()
+    for _ in range(64):
+        account, digest = Account.create(), secrets.token_bytes(32)
+        ours = exact.sign_digest(account.key, digest)
+        assert ours == account.unsafe_sign_hash(digest).signature
+        vs.add(ours[64])
+    assert vs == {27, 28}
+
+
+def test_a_signer_without_eth_account_signs_for_its_address() -> None:
+    signer = exact.Signer(address=PAYER.address, key=bytes(PAYER.key))
+    assert PAYER.key.hex() not in repr(signer) and str(PAYER.key) not in repr(signer)
+    result = verify(exact.sign_exact(signer, REQ).payload)
+    assert result == exact.VerificationResult(True, None, PAYER.address)
+
+
 # Time-relative changes are built from the clock when the test runs, not when it is collected:
 # under a slow parallel run the two can be minutes apart.
 @pytest.mark.parametrize(
