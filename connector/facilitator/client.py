@@ -9,14 +9,17 @@ reused nonce; money cannot move twice.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 
 from connector.errors import ExternalServiceError
+from connector.facilitator.transport import Answer, KeepAliveClient, TransportFailure, proxied
 from connector.retry import call_with_retries
 
 _EXCERPT = 500
+_MAX_ANSWER = 1 << 20  # a facilitator's answers are a few hundred bytes
 
 
 class FacilitatorError(ExternalServiceError):
@@ -40,17 +43,34 @@ class FacilitatorClient:
         headers = {"accept": "application/json", "user-agent": "x402-connector"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-            transport=transport,
-            follow_redirects=False,
-        )
+        connect_s = min(5.0, timeout_s)
+        # The pooled http.client transport unless a test injects an httpx transport or the
+        # environment sends this URL through a proxy (which only httpx implements here).
+        self._fast: KeepAliveClient | None = None
+        self._http: httpx.Client | None = None
+        if transport is None and not proxied(self.base_url):
+            self._fast = KeepAliveClient(
+                self.base_url,
+                headers=headers,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_s,
+                max_body_bytes=_MAX_ANSWER,
+            )
+        else:
+            self._http = httpx.Client(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout_s, connect=connect_s),
+                transport=transport,
+                follow_redirects=False,
+            )
         self._attempts = max_attempts
 
     def close(self) -> None:
-        self._http.close()
+        if self._fast is not None:
+            self._fast.close()
+        if self._http is not None:
+            self._http.close()
 
     def __enter__(self) -> FacilitatorClient:
         return self
@@ -58,33 +78,40 @@ class FacilitatorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        def once() -> httpx.Response:
-            return self._http.request(method, path, json=body)
+    def _once(self, method: str, path: str, body: dict[str, Any] | None) -> Answer:
+        if self._fast is not None:
+            data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+            return self._fast.request(method, path, data)
+        assert self._http is not None
+        response = self._http.request(method, path, json=body)
+        return Answer(response.status_code, response.content[:_MAX_ANSWER])
 
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         try:
-            response = call_with_retries(
-                once, retry_on=(httpx.TransportError,), attempts=self._attempts
+            answer = call_with_retries(
+                lambda: self._once(method, path, body),
+                retry_on=(httpx.TransportError, TransportFailure),
+                attempts=self._attempts,
             )
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, TransportFailure) as exc:
             raise FacilitatorError(
                 f"facilitator {self.base_url}{path} unreachable after {self._attempts} attempts: "
                 f"{type(exc).__name__}",
                 url=self.base_url + path,
             ) from exc
-        if response.status_code >= 400:
+        text = answer.body[:_EXCERPT].decode("utf-8", "replace")
+        if answer.status >= 400:
             raise FacilitatorError(
-                f"facilitator {path} answered HTTP {response.status_code}: "
-                f"{response.text[:_EXCERPT]}",
-                status_code=response.status_code,
-                retryable=response.status_code >= 500 or response.status_code == 429,
+                f"facilitator {path} answered HTTP {answer.status}: {text}",
+                status_code=answer.status,
+                retryable=answer.status >= 500 or answer.status == 429,
             )
+        if not answer.complete:
+            raise FacilitatorError(f"facilitator {path} answer exceeds {_MAX_ANSWER} bytes")
         try:
-            return response.json()
+            return json.loads(answer.body)
         except ValueError as exc:
-            raise FacilitatorError(
-                f"facilitator {path} answered non-JSON: {response.text[:_EXCERPT]}"
-            ) from exc
+            raise FacilitatorError(f"facilitator {path} answered non-JSON: {text}") from exc
 
     @staticmethod
     def _body(payload: dict[str, Any], requirements: dict[str, Any]) -> dict[str, Any]:
