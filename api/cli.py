@@ -105,14 +105,20 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery's own log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker (stateless; run as many as you need)."""
+    from connector.storage.db import warm_pool
     from workers.celery_app import celery_app
     from workers.runtime import runtime
-    from workers.wiring import wire
+    from workers.wiring import HOT_TABLES, quiet_task_logs, wire
 
     if pool not in ("threads", "prefork", "solo"):
         raise typer.BadParameter("pool must be threads, prefork or solo", param_hint="--pool")
     _settings()
-    wire(runtime(), celery_app)
+    rt = runtime()
+    wire(rt, celery_app)
+    if not rt.settings.worker_task_logs:
+        quiet_task_logs()
+    if pool != "prefork":  # prefork children must open their own connections after the fork
+        warm_pool(rt.engine, concurrency, list(HOT_TABLES))
     celery_app.worker_main(
         ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
     )

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int = 3600  # a killed worker's task is redelivered after this
     broker_restore_interval_s: int = 10  # how often workers sweep for such abandoned tasks
     worker_prefetch: int = 1  # messages a worker thread reserves ahead (late acks keep them safe)
+    worker_task_logs: bool = False  # Celery's own "received"/"succeeded" line per task at INFO
 
     # --- vault ---------------------------------------------------------------------------
     master_keys: SecretStr | None = None  # "kid1:base64key,kid2:base64key"; first is active

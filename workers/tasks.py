@@ -15,6 +15,7 @@ from celery import Task
 from connector.actions.service import run_job as run_action
 from connector.errors import ConcurrentUpdate, ExternalServiceError
 from connector.jobs import purge_expired
+from connector.logs import get_logger
 from connector.payments import maintenance
 from connector.payments.driver import drive
 from connector.retry import backoff_delay
@@ -23,10 +24,23 @@ from workers.celery_app import celery_app
 from workers.runtime import runtime
 
 RETRYABLE = (ExternalServiceError, ConcurrentUpdate)
+log = get_logger(__name__)
 
 
-def _retry_countdown(task: Task) -> float:
-    return 1.0 + backoff_delay(task.request.retries, base=2.0, cap=300.0)
+def _retry(task: Task, exc: Exception, **ids: str) -> Exception:
+    """Schedule the next attempt and say so in our own log (Celery's INFO lines are off)."""
+    countdown = 1.0 + backoff_delay(task.request.retries, base=2.0, cap=300.0)
+    log.warning(
+        "task retry scheduled",
+        extra={
+            "task": task.name,
+            "attempt": task.request.retries + 1,
+            "retry_in_s": round(countdown, 1),
+            "error": type(exc).__name__,
+            **ids,
+        },
+    )
+    return task.retry(exc=exc, countdown=countdown)
 
 
 @celery_app.task(bind=True, name="x402c.run_job", max_retries=8, acks_late=True)
@@ -40,7 +54,7 @@ def run_job(self: Task, job_id: str) -> str:
         result = run_action(runtime(), job_id)
     except RETRYABLE as exc:
         if getattr(exc, "retryable", True):
-            raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
+            raise _retry(self, exc, job_id=job_id) from exc
         raise
     return "succeeded" if result is not None else "failed"
 
@@ -51,7 +65,7 @@ def drive_payment(self: Task, payment_id: str) -> str:
     try:
         return drive(runtime(), payment_id)
     except RETRYABLE as exc:
-        raise self.retry(exc=exc, countdown=_retry_countdown(self)) from exc
+        raise _retry(self, exc, payment_id=payment_id) from exc
 
 
 @celery_app.task(name="x402c.expire_holds")

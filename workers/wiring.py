@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 
 from connector.events.notify import on_events_committed
 from connector.runtime import Runtime
+
+# The tables every action touches; a starting worker has its database connections load them.
+HOT_TABLES = ("jobs", "connections", "payments", "events", "reservations", "budget_locks")
 
 
 def celery_dispatch(app: Celery) -> Any:
@@ -57,6 +62,20 @@ class Debounced:
             self._trailing = False
             self._last = time.monotonic()
         self._fire()
+
+
+def quiet_task_logs() -> None:
+    """Drop Celery's per-task INFO lines ("received", "succeeded"); warnings and errors stay.
+
+    Installed on Celery's ``after_setup_logger`` signal because Celery configures its loggers when
+    the worker starts, after our code has run.
+    """
+
+    def lower(**_: Any) -> None:
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    after_setup_logger.connect(lower, weak=False)
 
 
 def wire(rt: Runtime, app: Celery, *, debounce_s: float = 0.25) -> None:

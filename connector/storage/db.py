@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, literal, select, table
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, create_engine
 
@@ -36,6 +36,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
+    # psycopg prepares a statement on the server after N executions per connection (default 5);
+    # a worker's hot statements repeat on every payment, so prepare them from the second use.
+    kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", 2)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
@@ -61,6 +64,29 @@ def one_connection(engine: Engine) -> Iterator[None]:
             yield
         finally:
             _PINNED.reset(token)
+
+
+def warm_pool(engine: Engine, connections: int, tables: list[str]) -> None:
+    """Open ``connections`` pooled connections and let each server process load ``tables``.
+
+    A new PostgreSQL backend reads the catalog for every table and index it touches first; a
+    worker that starts cold pays that (and the connection set-up) on its first payments. Run at
+    worker start, before the worker takes tasks. Skipped on SQLite (one file, nothing to warm).
+    """
+    if engine.dialect.name != "postgresql" or connections < 1:
+        return
+    probes = [select(literal(1)).select_from(table(name)).limit(0) for name in tables]
+    opened: list[Connection] = []
+    try:
+        for _ in range(min(connections, engine.pool.size())):  # type: ignore[attr-defined]
+            conn = engine.connect()
+            opened.append(conn)
+            for probe in probes:
+                conn.execute(probe)
+            conn.rollback()
+    finally:
+        for conn in opened:
+            conn.close()
 
 
 class UnitOfWork:
