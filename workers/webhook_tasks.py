@@ -8,8 +8,9 @@ from workers.runtime import runtime
 
 
 @celery_app.task(name="x402c.dispatch_webhooks", acks_late=True)
-def dispatch_webhooks() -> int:
-    return dispatch(runtime())
+def dispatch_webhooks(new_only: bool = False) -> int:
+    """``new_only``: sent by the after-commit wake-up (see ``dispatch``); the sweep sends all."""
+    return dispatch(runtime(), new_only=new_only)
 
 
 celery_app.conf.beat_schedule = {

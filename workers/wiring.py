@@ -81,4 +81,8 @@ def quiet_task_logs() -> None:
 def wire(rt: Runtime, app: Celery, *, debounce_s: float = 0.25) -> None:
     """Make ``rt.dispatch`` enqueue Celery tasks and wake the webhook dispatcher after commits."""
     rt.dispatch = celery_dispatch(app)
-    on_events_committed(Debounced(lambda: app.send_task("x402c.dispatch_webhooks"), debounce_s))
+    on_events_committed(
+        Debounced(
+            lambda: app.send_task("x402c.dispatch_webhooks", kwargs={"new_only": True}), debounce_s
+        )
+    )

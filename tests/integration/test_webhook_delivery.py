@@ -133,6 +133,32 @@ def test_receiver_down_then_up_gets_every_event_once_after_dedup(rt: Runtime) ->
         assert all(a.latency_ms is not None for a in attempts)
 
 
+def test_wake_up_run_delivers_new_events_and_leaves_due_retries_to_the_sweep(rt: Runtime) -> None:
+    port = free_port()
+    conn_id, secret = make_connection(rt, f"http://127.0.0.1:{port}/hook")
+    first = emit(rt, conn_id, 2)
+    now = datetime.now(UTC)
+    assert dispatcher.dispatch(rt, now=now) == 2  # receiver down: both retry later
+    receiver = Receiver(secret=secret)
+    later = now + timedelta(seconds=10)  # the retries are due now
+    with LiveServer(receiver.app(), port=port):
+        silent = record_silent_event(rt)
+        # A wake-up for an event nobody subscribed to: nothing new, so nothing is sent...
+        assert dispatcher.dispatch(rt, now=later, new_only=True) == 0
+        assert receiver.received == []
+        with transaction(rt.engine) as s:
+            assert s.get(Event, silent).dispatched  # ...but the event is routed all the same
+        # A wake-up that fans out a new delivery sends it, and what else is due with it.
+        new = emit(rt, conn_id, 1)
+        assert dispatcher.dispatch(rt, now=later, new_only=True) == 3
+    assert receiver.unique_ids() == set(first + new)
+
+
+def record_silent_event(rt: Runtime) -> str:
+    with transaction(rt.engine) as s:
+        return str(record_event(s, "webhook.test", None, {"n": -1})["id"])
+
+
 def test_whole_schedule_runs_to_dead_then_admin_redelivery_succeeds(rt: Runtime) -> None:
     receiver = Receiver(status=503, check_signatures=False)
     with LiveServer(receiver.app()) as server:
