@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from connector.settings import Settings, get_settings
+from workers.redis_transport import transport_for
 
 TASK_MODULES = ["workers.tasks", "workers.webhook_tasks"]
 
@@ -22,6 +23,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
             settings.broker_url if settings.broker_url.startswith("redis") else "cache+memory://"
         )
     app = Celery("x402c", broker=settings.broker_url, backend=backend, include=TASK_MODULES)
+    transport = transport_for(settings.broker_url)
+    if transport is not None:
+        app.conf.broker_transport = transport
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
