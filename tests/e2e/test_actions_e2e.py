@@ -268,3 +268,78 @@ def test_a_crash_while_recording_a_settlement_never_pays_twice(
         assert len(mine) == 1 and mine[0].settle_attempts == 2
         job = s.get(Job, job_id)
         assert job is not None and job.status == "succeeded" and job.result == result
+
+
+def _queue_send(stack: Stack, buyer: Agent, seller: Agent, amount: str) -> str:
+    from connector.jobs import start_job
+    from connector.storage.db import transaction
+
+    with transaction(stack.runtime.engine) as s:
+        return start_job(
+            s,
+            connection_id=buyer.connection_id,
+            action="send",
+            body={"to": seller.account.address, "amount": amount},
+            idempotency_key=None,
+        ).job.id
+
+
+def _job_status(stack: Stack, job_id: str) -> tuple[str, int, str | None]:
+    from connector.storage.db import transaction
+    from connector.storage.models.payments import Job
+
+    with transaction(stack.runtime.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.status, job.attempts, job.payment_id
+
+
+def test_a_first_direct_send_commits_its_claim_with_the_payment(
+    buyer: Agent, seller: Agent, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim and the signed payment share one transaction: if it dies, neither exists (the
+    job is still queued, nothing was signed into the database), and the retry pays once."""
+    import connector.payments.send as send
+    from connector.actions import service
+
+    rt = stack.runtime
+    rt.chain(stack.chain.rpc_url).token_domain(stack.chain.token)  # known: no network call first
+    before = seller.balance()
+    job_id = _queue_send(stack, buyer, seller, "777")
+
+    def dies(*_: Any, **__: Any) -> None:
+        raise RuntimeError("worker died before commit")
+
+    real = send.link_payment
+    monkeypatch.setattr(send, "link_payment", dies)
+    with pytest.raises(RuntimeError):
+        service.run_job(rt, job_id)
+    assert _job_status(stack, job_id) == ("queued", 0, None)
+    monkeypatch.setattr(send, "link_payment", real)
+
+    result = service.run_job(rt, job_id)
+    assert result is not None and result["payment"]["state"] == "settled"
+    assert _job_status(stack, job_id) == ("succeeded", 1, result["payment"]["id"])
+    assert seller.balance() == before + 777
+
+
+def test_the_claim_is_committed_before_the_token_domain_is_read_from_the_chain(
+    buyer: Agent, seller: Agent, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from connector.actions import service
+
+    rt = stack.runtime
+    chain = rt.chain(stack.chain.rpc_url)
+    job_id = _queue_send(stack, buyer, seller, "5")
+    seen: list[tuple[str, int, str | None]] = []
+    real = chain.token_domain
+
+    def observing(asset: str) -> tuple[str, str]:
+        seen.append(_job_status(stack, job_id))  # from another connection: committed state only
+        return real(asset)
+
+    monkeypatch.setattr(chain, "_domains", {})  # forget the domain: this send must read it
+    monkeypatch.setattr(chain, "token_domain", observing)
+    result = service.run_job(rt, job_id)
+    assert result is not None and result["payment"]["state"] == "settled"
+    assert seen and seen[0][:2] == ("running", 1)  # no transaction was open across the RPC

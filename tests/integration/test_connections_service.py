@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from connector.connections import service
 from connector.connections.schemas import ConnectionCreate, ConnectionUpdate
+from connector.errors import NotFound
 from connector.storage.db import transaction
 from connector.storage.models.connections import AuditEntry, Connection, WalletKey
 from connector.vault import DecryptionFailed, MasterKeyRing, Vault
@@ -169,3 +170,21 @@ def test_bad_input_names_the_field(field: str, value: str) -> None:
     with pytest.raises(ValidationError) as info:
         ConnectionCreate.model_validate(data)
     assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_the_payment_read_carries_ciphertexts_only_and_hides_them(
+    engine: Engine, vault: Vault
+) -> None:
+    conn_id = make(vault, engine)
+    with transaction(engine) as s:
+        record = service.get_for_payment(s, conn_id)
+        full = service.get(s, conn_id)
+        assert (record.wallet_address, record.network) == (full.wallet_address, full.network)
+        assert record.wallet_key_token == full.wallet_key_token  # still a vault ciphertext
+        assert service.signing_account(vault, record).key == bytes.fromhex(PRIVATE_KEY[2:])
+        assert service.api_key(vault, record) == API_KEY
+        assert full.wallet_key_token not in repr(record)
+        assert full.api_key_token is not None and full.api_key_token not in repr(record)
+        service.delete(s, conn_id)
+    with transaction(engine) as s, pytest.raises(NotFound):
+        service.get_for_payment(s, conn_id)

@@ -26,3 +26,22 @@ def test_warm_pool_opens_and_keeps_the_requested_connections(pg_database: str) -
         assert engine.pool.checkedin() == 4  # type: ignore[attr-defined]
     finally:
         engine.dispose()
+
+
+def test_one_connection_serves_successive_units_of_work_and_not_nested_ones(
+    engine: Engine,
+) -> None:
+    from connector.storage.db import UnitOfWork, one_connection
+
+    def raw(uow: UnitOfWork) -> object:
+        return uow.session.connection().connection.dbapi_connection
+
+    with one_connection(engine):
+        with UnitOfWork(engine) as first:
+            a = raw(first)
+            first.commit()
+        with UnitOfWork(engine) as second:
+            assert raw(second) is a  # the same pooled connection, no new checkout
+            with UnitOfWork(engine) as nested:  # while `second` is open: its own connection
+                assert raw(nested) is not a
+            second.rollback()
