@@ -81,9 +81,6 @@ def _send(
 ) -> s.SendOutput | Done:
     """``claim``: the job's uncommitted claim; a first direct send commits it with the payment."""
     fresh = job.payment_id is None
-    if claim is not None and not fresh:
-        claim.commit()
-        claim = None
     prepared = send.prepare_send(
         rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=fresh, uow=claim
     )

@@ -89,16 +89,18 @@ def prepare_send(
 
     ``known_new`` says the caller already knows no payment carries this key (a job that has no
     payment linked yet), which saves the lookup; the unique key still guards against a race.
-    ``uow``: an open unit of work (a job's claim) to commit the payment in, for a direct
-    payment only; it is committed before anything that may call the network.
+    ``uow``: an open unit of work (a job's claim) to commit a new direct payment in; it is
+    committed first instead when the payment may already exist or a network call comes first.
     """
     if uow is not None and (
-        inp.url is not None or not proto.direct_requirement_is_local(rt, ctx, inp)
+        not known_new or inp.url is not None or not proto.direct_requirement_is_local(rt, ctx, inp)
     ):
-        uow.commit()  # a network call comes first: end the caller's transaction before it
+        # An earlier payment may be resumed (other transactions follow), or a network call comes
+        # first: end the caller's transaction now.
+        uow.commit()
     if not known_new:
-        with UnitOfWork(rt.engine) as uow:
-            existing = find_by_key(uow.session, ctx.id, idempotency_key)
+        with UnitOfWork(rt.engine) as lookup:
+            existing = find_by_key(lookup.session, ctx.id, idempotency_key)
             if existing is not None:
                 return SendPrepared(existing, None)
 
@@ -161,6 +163,7 @@ def prepare_send(
         except IntegrityError:
             uow.rollback()
             again = find_by_key(uow.session, ctx.id, idempotency_key)
+            uow.rollback()  # end the read: the caller's next transactions may be elsewhere
             if again is None:
                 raise
             return SendPrepared(again, None)
