@@ -10,7 +10,6 @@ still created per use. The asynchronous client the event loop uses is untouched.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -18,18 +17,13 @@ from kombu.transport import redis as kombu_redis
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
     _sync_client: Any = None
-    _sync_client_lock = threading.Lock()
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
             return super()._create_client(asynchronous=True)
-        client = self._sync_client
-        if client is None:
-            with self._sync_client_lock:
-                client = self._sync_client
-                if client is None:
-                    client = self._sync_client = super()._create_client()
-        return client
+        if self._sync_client is None:  # two threads racing here build one spare client: harmless
+            self._sync_client = super()._create_client()
+        return self._sync_client
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]

@@ -107,12 +107,6 @@ def asset_for(
     return found
 
 
-def direct_requirement_is_local(rt: Runtime, ctx: ConnectionContext, inp: SendInput) -> bool:
-    """True when :func:`direct_requirement` needs no network call (the token's domain is known)."""
-    network = normalize_network(inp.network or ctx.network)
-    return _asset(rt, ctx, network, inp.asset, read_chain=False) is not None
-
-
 def _asset(
     rt: Runtime, ctx: ConnectionContext, network: str, asset: str | None, *, read_chain: bool
 ) -> tuple[str, str, str] | None:
@@ -136,9 +130,28 @@ def _asset(
 
 
 def direct_requirement(rt: Runtime, ctx: ConnectionContext, inp: SendInput) -> Chosen:
+    chosen = _direct(rt, ctx, inp, read_chain=True)
+    assert chosen is not None
+    return chosen
+
+
+def direct_requirement_offline(
+    rt: Runtime, ctx: ConnectionContext, inp: SendInput
+) -> Chosen | None:
+    """:func:`direct_requirement` without any network call, or None when the token's EIP-712
+    domain has not been read from the chain yet."""
+    return _direct(rt, ctx, inp, read_chain=False)
+
+
+def _direct(
+    rt: Runtime, ctx: ConnectionContext, inp: SendInput, *, read_chain: bool
+) -> Chosen | None:
     assert inp.to is not None and inp.amount is not None
     network = normalize_network(inp.network or ctx.network)
-    asset, name, version = asset_for(rt, ctx, network, inp.asset)
+    found = _asset(rt, ctx, network, inp.asset, read_chain=read_chain)
+    if found is None:
+        return None
+    asset, name, version = found
     requirement = Requirement(
         scheme="exact",
         network=network,

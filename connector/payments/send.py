@@ -92,11 +92,12 @@ def prepare_send(
     ``uow``: an open unit of work (a job's claim) to commit a new direct payment in; it is
     committed first instead when the payment may already exist or a network call comes first.
     """
-    if uow is not None and (
-        not known_new or inp.url is not None or not proto.direct_requirement_is_local(rt, ctx, inp)
-    ):
+    direct: proto.Chosen | None = None
+    if uow is not None and known_new and inp.url is None:
+        direct = proto.direct_requirement_offline(rt, ctx, inp)
+    if uow is not None and direct is None:
         # An earlier payment may be resumed (other transactions follow), or a network call comes
-        # first: end the caller's transaction now.
+        # first (URL probe, token domain not read yet): end the caller's transaction now.
         uow.commit()
     if not known_new:
         with UnitOfWork(rt.engine) as lookup:
@@ -120,7 +121,7 @@ def prepare_send(
         version = offer.version
         resource = offer.resource
     else:
-        chosen = proto.direct_requirement(rt, ctx, inp)
+        chosen = direct or proto.direct_requirement(rt, ctx, inp)
         refusal = None
         version = 2
     requirement = chosen.requirement
