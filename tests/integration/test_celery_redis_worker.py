@@ -45,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def env(pg_database: str, tmp_path: Path, worker_id: str) -> Iterator[dict[str, str]]:
     # One Redis database per xdist worker: two tests running at once must never share a queue
     # (a worker of one would eat the other's messages, and a flushdb would drop them).
-    db_number = 1 + (int(worker_id[2:]) if worker_id.startswith("gw") else 14) % 15
+    # X402C_TEST_REDIS_DB_BASE moves the range, so two checkouts can run their suites at once.
+    base = int(os.environ.get("X402C_TEST_REDIS_DB_BASE", "1"))
+    db_number = base + (int(worker_id[2:]) if worker_id.startswith("gw") else 0)
+    assert 0 < db_number < 16, "Redis has databases 0..15; pick another X402C_TEST_REDIS_DB_BASE"
     values = {
         "X402C_DATABASE_URL": pg_database,
         "X402C_BROKER_URL": f"redis://127.0.0.1:6379/{db_number}",
