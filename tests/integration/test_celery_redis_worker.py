@@ -48,7 +48,7 @@ def env(pg_database: str, tmp_path: Path, worker_id: str) -> Iterator[dict[str, 
     # X402C_TEST_REDIS_DB_BASE moves the range, so two checkouts can run their suites at once.
     base = int(os.environ.get("X402C_TEST_REDIS_DB_BASE", "1"))
     db_number = base + (int(worker_id[2:]) if worker_id.startswith("gw") else 0)
-    assert 0 < db_number < 16, "Redis has databases 0..15; pick another X402C_TEST_REDIS_DB_BASE"
+    assert 0 <= db_number < 16, "Redis has databases 0..15; pick another X402C_TEST_REDIS_DB_BASE"
     values = {
         "X402C_DATABASE_URL": pg_database,
         "X402C_BROKER_URL": f"redis://127.0.0.1:6379/{db_number}",
