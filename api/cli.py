@@ -149,20 +149,40 @@ def migrate() -> None:
 def admin_key_create(
     name: Annotated[str, typer.Option(help="Who or what uses the key.")],
     scope: Annotated[list[str], typer.Option(help="admin, read or actions (repeatable).")],
+    principal: Annotated[
+        str,
+        typer.Option(
+            help="The person accountable for the key (four-eyes approvals count principals)."
+        ),
+    ] = "cli",
+    connection: Annotated[
+        list[str] | None,
+        typer.Option(help="A connection an actions key may use (repeatable; '*' for all)."),
+    ] = None,
 ) -> None:
     """Create an admin API key; it is printed once and never again."""
     from connector import admin_keys
     from connector.errors import ValidationFailed
     from connector.storage.db import transaction
 
+    if "actions" in scope and "admin" not in scope and not connection:
+        err.print("[red]an actions key needs --connection ID (repeatable) or --connection '*'[/]")
+        raise typer.Exit(2)
     rt = _runtime()
     try:
         with transaction(rt.engine) as session:
-            row, key = admin_keys.create_key(session, name=name, scopes=scope, actor="cli")
+            row, key = admin_keys.create_key(
+                session,
+                name=name,
+                scopes=scope,
+                actor="cli",
+                principal=principal,
+                connections=connection or None,
+            )
     except ValidationFailed as exc:
         err.print(f"[red]{exc.detail}[/]")
         raise typer.Exit(2) from exc
-    console.print(f"{row.id}  scopes={','.join(row.scopes)}")
+    console.print(f"{row.id}  scopes={','.join(row.scopes)}  principal={row.principal}")
     console.print(key)
 
 
@@ -183,8 +203,16 @@ def connections_create(
     except (ValidationError, ValueError) as exc:
         err.print(f"[red]invalid connection:[/] {exc}")
         raise typer.Exit(2) from exc
-    with transaction(rt.engine) as session:
-        created = service.create(session, rt.vault, data, actor="cli")
+    from connector.errors import ValidationFailed
+
+    try:
+        with transaction(rt.engine) as session:
+            created = service.create(
+                session, rt.vault, data, actor="cli", check_url=rt.outbound().check_url
+            )
+    except ValidationFailed as exc:
+        err.print(f"[red]invalid connection:[/] {exc.detail}")
+        raise typer.Exit(2) from exc
     console.print_json(created.model_dump_json())
 
 

@@ -68,10 +68,14 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+        codes[429] = "too_many_requests"
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
-        return problem_response(
+        response = problem_response(
             exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail), request
         )
+        for name, value in (exc.headers or {}).items():  # e.g. Retry-After on a 429
+            response.headers.setdefault(name, value)
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

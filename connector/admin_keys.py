@@ -3,12 +3,21 @@
 A key looks like ``x402c_sk_<id tail>_<secret>``. Only its hash is stored; the visible
 ``prefix`` lets people recognize a key in lists and logs without revealing it. SHA-256 (not a slow
 password hash) is right here because the key has 256 bits of entropy: there is nothing to guess.
+
+Every key belongs to a *principal*: the person or operator identity accountable for it. A key
+minted through the API inherits its minter's principal, so nobody can manufacture a second
+identity with the keys they hold; only someone with operator access (the CLI, the bootstrap)
+names a new principal. Four-eyes approvals count principals, not keys.
+
+An ``actions`` key may be limited to a list of connections (``connection_ids``); an ``admin`` key
+may always use every connection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import UTC, datetime
 
@@ -18,14 +27,53 @@ from sqlmodel import Session, col
 from connector.audit import audit
 from connector.errors import NotFound, ValidationFailed
 from connector.ids import new_id
-from connector.storage.models.connections import AdminKey
+from connector.storage.models.connections import AdminKey, Connection
 
 SCOPES = ("admin", "read", "actions")
 KEY_PREFIX = "x402c_sk_"
+#: A principal names a person or operator identity: an e-mail address, a login, ``team:ops``.
+PRINCIPAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+:/-]{0,119}$")
+ALL_CONNECTIONS = "*"
 
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _connection_scope(
+    session: Session, scopes: list[str], connections: list[str] | None
+) -> list[str] | None:
+    """The stored ``connection_ids``: None means every connection."""
+    if connections is None:
+        return None
+    if "admin" in scopes:
+        raise ValidationFailed(
+            "an admin key may use every connection; connections applies to actions keys",
+            field="connections",
+        )
+    if "actions" not in scopes:
+        raise ValidationFailed(
+            "connections applies only to keys with the actions scope", field="connections"
+        )
+    if connections == [ALL_CONNECTIONS]:
+        return None
+    if not connections or ALL_CONNECTIONS in connections:
+        raise ValidationFailed(
+            'connections must list connection ids, or be ["*"] for every connection',
+            field="connections",
+        )
+    wanted = sorted(set(connections))
+    found = set(
+        session.execute(
+            select(col(Connection.id)).where(
+                col(Connection.id).in_(wanted), col(Connection.deleted_at).is_(None)
+            )
+        ).scalars()
+    )
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise ValidationFailed(f"unknown connections {missing[:5]}", field="connections")
+    return wanted
 
 
 def create_key(
@@ -35,10 +83,32 @@ def create_key(
     scopes: list[str],
     actor: str = "cli",
     request_id: str | None = None,
+    principal: str | None = None,
+    created_by: AdminKey | None = None,
+    connections: list[str] | None = None,
 ) -> tuple[AdminKey, str]:
+    """Mint a key. ``created_by`` (the key that minted it, through the API) passes its principal
+    on; without one, ``principal`` names it (CLI/bootstrap), defaulting to ``actor`` — so keys
+    minted without an explicit identity all share one principal and can never count as two
+    approvers. ``connections`` limits an actions key (None or ``["*"]``: every connection)."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValidationFailed(f"scopes must be a non-empty subset of {SCOPES}", field="scopes")
+    if created_by is not None:
+        if principal is not None and principal != created_by.principal:
+            raise ValidationFailed(
+                "a key minted with another key inherits its principal; "
+                "a new principal is created with the CLI (x402c admin-key create --principal)",
+                field="principal",
+            )
+        principal = created_by.principal
+    principal = principal if principal is not None else actor
+    if not PRINCIPAL.match(principal):
+        raise ValidationFailed(
+            "principal must be 1-120 characters: letters, digits and . _ @ + : / -",
+            field="principal",
+        )
+    connection_ids = _connection_scope(session, sorted(set(scopes)), connections)
     key_id = new_id("key")
     plaintext = f"{KEY_PREFIX}{key_id[-8:]}_{secrets.token_urlsafe(32)}"
     row = AdminKey(
@@ -47,6 +117,9 @@ def create_key(
         prefix=plaintext[: len(KEY_PREFIX) + 8],
         secret_hash=_hash(plaintext),
         scopes=sorted(set(scopes)),
+        principal=principal,
+        created_by=created_by.id if created_by is not None else actor,
+        connection_ids=connection_ids,
     )
     session.add(row)
     audit(
@@ -55,7 +128,13 @@ def create_key(
         action="admin_key.create",
         target_type="admin_key",
         target_id=key_id,
-        after={"name": name, "scopes": row.scopes, "prefix": row.prefix},
+        after={
+            "name": name,
+            "scopes": row.scopes,
+            "prefix": row.prefix,
+            "principal": principal,
+            "connections": connection_ids,
+        },
         request_id=request_id,
     )
     return row, plaintext
@@ -78,6 +157,13 @@ def authenticate(session: Session, presented: str) -> AdminKey | None:
 
 def has_scope(key: AdminKey, needed: str) -> bool:
     return "admin" in key.scopes or needed in key.scopes
+
+
+def may_use(key: AdminKey, connection_id: str | None) -> bool:
+    """Whether ``key`` may act on (and read the jobs of) ``connection_id``."""
+    if "admin" in key.scopes or key.connection_ids is None:
+        return True
+    return connection_id is not None and connection_id in key.connection_ids
 
 
 def revoke(session: Session, key_id: str, *, actor: str, request_id: str | None = None) -> AdminKey:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from sqlalchemy.engine import Engine
 
 from connector.facilitator.client import FacilitatorClient
+from connector.net.ssrf import OutboundPolicy, Resolver
 from connector.settings import Settings, get_settings
 from connector.storage.db import make_engine
 
@@ -33,6 +35,8 @@ class Runtime:
     settings: Settings
     engine: Engine
     dispatch: Dispatch = _no_dispatch
+    #: Host resolution for the SSRF guard (None: the system resolver); tests install a stub.
+    resolver: Resolver | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _cache: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
 
@@ -55,8 +59,13 @@ class Runtime:
 
         return self._cached(("vault",), lambda: Vault.from_settings(self.settings))
 
+    def outbound(self) -> OutboundPolicy:
+        """The SSRF policy every client of a customer-controlled URL connects through."""
+        return OutboundPolicy.from_settings(self.settings, self.resolver)
+
     def chain(self, rpc_url: str) -> Any:
-        """A chain client for ``rpc_url``, shared by every thread of this process."""
+        """A chain client for a connection's ``rpc_url`` (SSRF-guarded), shared by every thread
+        of this process."""
         from connector.chain import ChainClient
 
         return self._cached(
@@ -65,6 +74,9 @@ class Runtime:
                 rpc_url,
                 timeout_s=self.settings.rpc_timeout_s,
                 poll_interval_s=self.settings.receipt_poll_interval_s,
+                transport=self.outbound().transport(
+                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
+                ),
             ),
         )
 
@@ -78,6 +90,7 @@ class Runtime:
                 api_key=api_key,
                 timeout_s=self.settings.facilitator_timeout_s,
                 max_attempts=self.settings.external_max_retries,
+                guard=self.outbound(),
             ),
         )
         return client

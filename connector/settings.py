@@ -58,19 +58,25 @@ class Settings(BaseSettings):
     # --- webhooks ------------------------------------------------------------------------
     webhook_timeout_s: float = 5.0
     webhook_max_response_bytes: int = 64 * 1024
-    webhook_allow_loopback: bool = False  # dev and tests only
+    webhook_allow_loopback: bool = False  # deprecated alias of outbound_allow_loopback
     webhook_disable_after_days: float = 5.0
     webhook_secret_overlap_hours: float = 24.0
 
     # --- outbound HTTP for `send` ----------------------------------------------------------
     send_timeout_s: float = 15.0
     send_max_response_bytes: int = 1024 * 1024
-    send_allow_loopback: bool = False  # dev and tests only
+    send_allow_loopback: bool = False  # deprecated alias of outbound_allow_loopback
+
+    # --- outbound SSRF policy (webhooks, send, RPC, facilitator, connection test) ----------
+    outbound_allow_loopback: bool = False  # dev and tests only
+    outbound_allow_hosts: str = ""  # "rpc.internal,*.corp.example,10.20.0.0/16": operator infra
 
     # --- API -----------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8402
     idempotency_ttl_hours: int = Field(default=48, ge=24)
+    auth_failure_limit: int = Field(default=20, ge=1)  # failed authentications per window ...
+    auth_failure_window_s: float = Field(default=60.0, gt=0)  # ... per client address / key prefix
 
     @model_validator(mode="after")
     def _production_needs_explicit_config(self) -> Settings:
@@ -83,6 +89,14 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError("production mode requires " + ", ".join(missing))
         return self
+
+    @property
+    def outbound_loopback_allowed(self) -> bool:
+        """One loopback switch for every outbound client; the two older per-surface names still
+        turn it on (they were dev/test switches too)."""
+        return any(
+            (self.outbound_allow_loopback, self.webhook_allow_loopback, self.send_allow_loopback)
+        )
 
     @property
     def resolved_database_url(self) -> str:

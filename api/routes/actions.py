@@ -6,13 +6,13 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from api.deps import require, runtime
-from connector import jobs
+from connector import admin_keys, jobs
 from connector.actions.manifest import build_manifest
 from connector.actions.registry import BY_KEY
 from connector.connections import service as connections
@@ -25,6 +25,13 @@ from connector.webhooks import subscriptions
 
 router = APIRouter(tags=["actions"])
 ACTIONS = Depends(require("actions"))
+
+
+def _may_use(key: AdminKey, connection_id: str) -> None:
+    """An actions key acts only on the connections it lists (admin keys: all). Checked before
+    the connection is looked up, so the answer says nothing about other connections."""
+    if not admin_keys.may_use(key, connection_id):
+        raise HTTPException(403, f"this key may not use connection {connection_id[:40]}")
 
 
 def job_view(job: Job) -> dict[str, Any]:
@@ -55,9 +62,10 @@ async def run_action(
     body: dict[str, Any] = Body(default_factory=dict),
     wait: float = Query(0, ge=0, le=60, description="Seconds to wait for the result."),
     idempotency_key: str | None = Header(default=None, max_length=255),
-    _: AdminKey = ACTIONS,
+    key: AdminKey = ACTIONS,
     rt: Runtime = Depends(runtime),
 ) -> JSONResponse:
+    _may_use(key, connection_id)
     spec = BY_KEY.get(action)
     if spec is None:
         raise NotFound(f"unknown action {action!r}; see GET /v1/manifest")
@@ -98,9 +106,13 @@ async def run_action(
 
 
 @router.get("/v1/jobs/{job_id}")
-def get_job(job_id: str, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)) -> dict[str, Any]:
+def get_job(job_id: str, key: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)) -> dict[str, Any]:
     with UnitOfWork(rt.engine) as uow:
-        return job_view(jobs.get_job(uow.session, job_id))
+        job = jobs.get_job(uow.session, job_id)
+    if not admin_keys.may_use(key, job.connection_id):
+        # The same answer as a job that does not exist: a scoped key learns nothing of others.
+        raise NotFound(f"job {job_id} not found")
+    return job_view(job)
 
 
 class HookSubscribe(BaseModel):
@@ -112,8 +124,9 @@ class HookSubscribe(BaseModel):
 
 @router.post("/v1/hooks", status_code=201)
 def subscribe(
-    body: HookSubscribe, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
+    body: HookSubscribe, key: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
 ) -> dict[str, Any]:
+    _may_use(key, body.connection_id)
     with UnitOfWork(rt.engine) as uow:
         connections.get(uow.session, body.connection_id)
         sub, secret = subscriptions.create(
@@ -123,7 +136,8 @@ def subscribe(
             url=body.url,
             event_types=body.event_types,
             description=body.description,
-            allow_loopback=rt.settings.webhook_allow_loopback,
+            policy=rt.outbound(),
+            created_by_key=key.id,
         )
         uow.commit()
         return {**subscriptions.view(sub), "secret_once": secret}
@@ -131,9 +145,14 @@ def subscribe(
 
 @router.delete("/v1/hooks/{subscription_id}")
 def unsubscribe(
-    subscription_id: str, _: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
+    subscription_id: str, key: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)
 ) -> dict[str, Any]:
     with UnitOfWork(rt.engine) as uow:
+        found = subscriptions.get(uow.session, subscription_id)
+        if "admin" not in key.scopes and found.created_by_key != key.id:
+            # A REST-hook key removes only what it subscribed (never an operator's subscription
+            # or another workflow's); others' ids look like ids that do not exist.
+            raise NotFound(f"subscription {subscription_id} not found")
         sub = subscriptions.remove(uow.session, subscription_id)
         uow.commit()
         return subscriptions.view(sub)

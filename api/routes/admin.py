@@ -21,7 +21,7 @@ from connector.connections.schemas import (
     ConnectionView,
 )
 from connector.connections.testing import ConnectionTestReport, run_connection_test
-from connector.errors import NotFound
+from connector.errors import NotFound, ValidationFailed
 from connector.payments.approvals_service import decide
 from connector.payments.views import payment_snapshot
 from connector.runtime import Runtime
@@ -44,7 +44,14 @@ def create_connection(
     s: Session = Depends(session),
     rt: Runtime = Depends(runtime),
 ) -> ConnectionCreated:
-    return connections.create(s, rt.vault, body, actor=key.id, request_id=request_id(request))
+    return connections.create(
+        s,
+        rt.vault,
+        body,
+        actor=key.id,
+        request_id=request_id(request),
+        check_url=rt.outbound().check_url,
+    )
 
 
 @router.get("/connections")
@@ -78,7 +85,13 @@ def update_connection(
     rt: Runtime = Depends(runtime),
 ) -> ConnectionView:
     return connections.update(
-        s, rt.vault, connection_id, body, actor=key.id, request_id=request_id(request)
+        s,
+        rt.vault,
+        connection_id,
+        body,
+        actor=key.id,
+        request_id=request_id(request),
+        check_url=rt.outbound().check_url,
     )
 
 
@@ -135,6 +148,12 @@ def rotate_wallet(
 class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=120)
     scopes: list[str] = Field(min_length=1, max_length=3)
+    connections: list[str] | None = Field(
+        default=None,
+        max_length=500,
+        description='Required for an actions key: the connection ids it may use, or ["*"] '
+        "for every connection. Admin keys always use every connection.",
+    )
 
 
 def _key_view(row: AdminKey) -> dict[str, Any]:
@@ -144,6 +163,9 @@ def _key_view(row: AdminKey) -> dict[str, Any]:
         "name": row.name,
         "prefix": row.prefix,
         "scopes": row.scopes,
+        "principal": row.principal,
+        "connections": row.connection_ids if row.connection_ids is not None else ["*"],
+        "created_by": row.created_by,
         "created_at": row.created_at.isoformat(),
         "last_used_at": row.last_used_at.isoformat() if row.last_used_at else None,
         "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
@@ -154,8 +176,20 @@ def _key_view(row: AdminKey) -> dict[str, Any]:
 def create_key(
     body: KeyCreate, request: Request, key: AdminKey = ADMIN, s: Session = Depends(session)
 ) -> dict[str, Any]:
+    if "actions" in body.scopes and "admin" not in body.scopes and body.connections is None:
+        raise ValidationFailed(
+            'an actions key must list the connections it may use (or ["*"] for all)',
+            field="connections",
+        )
+    # The new key inherits this key's principal: one person cannot mint a second approver.
     row, plaintext = admin_keys.create_key(
-        s, name=body.name, scopes=body.scopes, actor=key.id, request_id=request_id(request)
+        s,
+        name=body.name,
+        scopes=body.scopes,
+        actor=key.id,
+        request_id=request_id(request),
+        created_by=key,
+        connections=body.connections,
     )
     s.flush()
     return {**_key_view(row), "key_once": plaintext}
@@ -241,13 +275,35 @@ class Decision(BaseModel):
 
 @router.post("/payments/{payment_id}/approve")
 def approve_payment(
-    payment_id: str, body: Decision, key: AdminKey = ADMIN, rt: Runtime = Depends(runtime)
+    payment_id: str,
+    body: Decision,
+    request: Request,
+    key: AdminKey = ADMIN,
+    rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
-    return decide(rt, payment_id, admin_key_id=key.id, decision="approve", note=body.note)
+    return decide(
+        rt,
+        payment_id,
+        admin_key_id=key.id,
+        decision="approve",
+        note=body.note,
+        request_id=request_id(request),
+    )
 
 
 @router.post("/payments/{payment_id}/reject")
 def reject_payment(
-    payment_id: str, body: Decision, key: AdminKey = ADMIN, rt: Runtime = Depends(runtime)
+    payment_id: str,
+    body: Decision,
+    request: Request,
+    key: AdminKey = ADMIN,
+    rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
-    return decide(rt, payment_id, admin_key_id=key.id, decision="reject", note=body.note)
+    return decide(
+        rt,
+        payment_id,
+        admin_key_id=key.id,
+        decision="reject",
+        note=body.note,
+        request_id=request_id(request),
+    )

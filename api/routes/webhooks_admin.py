@@ -116,7 +116,7 @@ class SubscriptionCreate(BaseModel):
 @router.post("/subscriptions", status_code=201)
 def create_subscription(
     body: SubscriptionCreate,
-    _: AdminKey = ADMIN,
+    key: AdminKey = ADMIN,
     s: Session = Depends(session),
     rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
@@ -127,7 +127,8 @@ def create_subscription(
         url=body.url,
         event_types=body.event_types,
         description=body.description,
-        allow_loopback=rt.settings.webhook_allow_loopback,
+        policy=rt.outbound(),
+        created_by_key=key.id,
     )
     return {**subscriptions.view(sub), "secret_once": secret}
 

@@ -28,6 +28,14 @@ from connector.errors import ExternalServiceError
 from connector.retry import call_with_retries
 
 
+def _node_message(message: object) -> str:
+    """A JSON-RPC error's ``message`` (revert reasons are what operators need), bounded and
+    printable; nothing else of a node's answer is ever quoted."""
+    if not isinstance(message, str):
+        return "error"
+    return "".join(c if c.isprintable() else "?" for c in message[:200])
+
+
 class RpcError(ExternalServiceError):
     code = "rpc_error"
     title = "Chain RPC error"
@@ -200,9 +208,11 @@ class ChainClient:
             data = response.json()
         except ValueError as exc:
             raise RpcError(f"RPC {method} answered non-JSON", rpc_method=method) from exc
+        if not isinstance(data, dict):
+            raise RpcError(f"RPC {method} answered a non-object", rpc_method=method)
         if data.get("error"):
             err = data["error"]
-            message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            message = _node_message(err.get("message") if isinstance(err, dict) else None)
             raise RpcError(f"RPC {method} failed: {message}", rpc_method=method, retryable=False)
         return data.get("result")
 
@@ -232,8 +242,8 @@ class ChainClient:
         for i, (method, _) in enumerate(calls):
             item = by_id.get(i) or {}
             if item.get("error"):
-                message = (
-                    item["error"].get("message", "") if isinstance(item["error"], dict) else ""
+                message = _node_message(
+                    item["error"].get("message") if isinstance(item["error"], dict) else None
                 )
                 raise RpcError(
                     f"RPC {method} failed: {message}", rpc_method=method, retryable=False

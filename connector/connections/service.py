@@ -4,6 +4,7 @@ only through the vault; reads return :class:`ConnectionView` (hints and flags, n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from connector.connections.schemas import (
     ConnectionUpdate,
     ConnectionView,
 )
-from connector.errors import ConcurrentUpdate, NotFound
+from connector.errors import ConcurrentUpdate, NotFound, UnsafeURL, ValidationFailed
 from connector.ids import new_id
 from connector.logs import register_secret
 from connector.storage.models.connections import Connection, WalletKey
@@ -83,6 +84,28 @@ def _new_wallet(session: Session, vault: Vault, conn_id: str, key_hex: str | Non
     return account
 
 
+#: Vets an outbound URL (the runtime's ``OutboundPolicy.check_url``); raises ``UnsafeURL``.
+URLCheck = Callable[[str], object]
+URL_FIELDS = ("rpc_url", "facilitator_url", "webhook_url")
+
+
+def vet_urls(check: URLCheck | None, values: dict[str, Any]) -> None:
+    """Refuse, when written, any URL the connector would later refuse to call: the same SSRF
+    rules as delivery, reported as a 422 naming the field."""
+    if check is None:
+        return
+    for field in URL_FIELDS:
+        url = values.get(field)
+        if not url:
+            continue
+        try:
+            check(url)
+        except UnsafeURL as exc:
+            raise ValidationFailed(
+                f"{field}: {exc.detail}", field=field, reason=exc.context.get("reason")
+            ) from exc
+
+
 def create(
     session: Session,
     vault: Vault,
@@ -90,7 +113,9 @@ def create(
     *,
     actor: str = "system",
     request_id: str | None = None,
+    check_url: URLCheck | None = None,
 ) -> ConnectionCreated:
+    vet_urls(check_url, data.model_dump(include=set(URL_FIELDS)))
     conn_id = new_id("conn")
     now = datetime.now(UTC)
     generated = data.webhook_secret is None
@@ -233,10 +258,12 @@ def update(
     actor: str = "system",
     request_id: str | None = None,
     expected_version: int | None = None,
+    check_url: URLCheck | None = None,
 ) -> ConnectionView:
     conn = get(session, conn_id)
     before = _public(conn)
     changes = data.model_dump(exclude_unset=True)
+    vet_urls(check_url, changes)
     for field in ("name", "network", "rpc_url", "facilitator_url", "asset", "webhook_url"):
         if field in changes:
             setattr(conn, field, changes[field])

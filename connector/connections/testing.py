@@ -3,6 +3,10 @@
 Checks: facilitator ``/supported`` with the apiKey (and that it supports the network), RPC chain
 id matches the network, wallet balance readable, and the webhook URL accepts a signed ping.
 Each check has its own timeout; one failing does not stop the others.
+
+Every call goes through the runtime's SSRF policy (the facilitator and RPC clients are guarded,
+the webhook ping uses a guarded transport), and a check's ``detail`` is written by us: it never
+quotes what the remote server answered, so pointing a URL at an internal service reveals nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from connector.payments.context_loader import load_connection
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.webhooks.signing import headers_for
-from connector.webhooks.ssrf import GuardedTransport
 from connector.x402.networks import chain_id_of, to_v1_name
 
 
@@ -41,14 +44,21 @@ class ConnectionTestReport(BaseModel):
     checks: list[CheckResult]
 
 
+class CheckFailed(Exception):
+    """A check's own verdict; its text is ours, never the remote server's."""
+
+
 def _timed(name: str, check: Callable[[], str]) -> CheckResult:
     start = time.perf_counter()
     try:
         detail, ok = check(), True
-    except ConnectorError as exc:
-        detail, ok = exc.detail, False
-    except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
-        detail, ok = f"{type(exc).__name__}: {exc}"[:300], False
+    except (ConnectorError, CheckFailed) as exc:
+        detail, ok = str(getattr(exc, "detail", exc))[:300], False
+    except (httpx.HTTPError, OSError) as exc:
+        detail, ok = f"connection failed ({type(exc).__name__})", False
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Parsing a malformed answer: name the failure, never quote the answer.
+        detail, ok = f"unexpected answer ({type(exc).__name__})", False
     return CheckResult(
         name=name, ok=ok, detail=detail, latency_ms=int((time.perf_counter() - start) * 1000)
     )
@@ -65,14 +75,16 @@ def run_connection_test(rt: Runtime, connection_id: str) -> ConnectionTestReport
         networks = {str(k.get("network")) for k in supported["kinds"] if isinstance(k, dict)}
         wanted = {ctx.network, to_v1_name(ctx.network)}
         if not networks & wanted and not any(n.endswith(":*") for n in networks):
-            raise ValueError(f"facilitator does not list {ctx.network} (lists {sorted(networks)})")
+            raise CheckFailed(
+                f"facilitator does not list {ctx.network} ({len(networks)} other networks)"
+            )
         return f"reachable; supports {ctx.network}"
 
     def rpc() -> str:
         got = rt.chain(ctx.rpc_url).chain_id()
         expected = chain_id_of(ctx.network)
         if got != expected:
-            raise ValueError(f"RPC is chain {got}, connection network is chain {expected}")
+            raise CheckFailed(f"RPC is chain {got}, connection network is chain {expected}")
         return f"chain id {got}"
 
     def balance() -> str:
@@ -87,15 +99,17 @@ def run_connection_test(rt: Runtime, connection_id: str) -> ConnectionTestReport
         msg_id = new_id("evt")
         stamp = int(datetime.now(UTC).timestamp())
         headers = headers_for(connections.webhook_secrets(rt.vault, conn), msg_id, stamp, body)
-        transport = GuardedTransport(allow_loopback=settings.webhook_allow_loopback)
-        with httpx.Client(transport=transport, timeout=settings.webhook_timeout_s) as client:
+        transport = rt.outbound().transport()
+        with httpx.Client(
+            transport=transport, timeout=settings.webhook_timeout_s, follow_redirects=False
+        ) as client:
             response = client.post(
                 conn.webhook_url,
                 content=body,
                 headers={**headers, "content-type": "application/json"},
             )
         if not 200 <= response.status_code < 300:
-            raise ValueError(f"webhook answered HTTP {response.status_code}")
+            raise CheckFailed(f"webhook answered HTTP {response.status_code}")
         return f"HTTP {response.status_code}"
 
     checks = [

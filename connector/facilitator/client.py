@@ -1,10 +1,17 @@
 """HTTP client for any spec-conforming x402 facilitator (``/verify``, ``/settle``, ``/supported``).
 
 Transport failures (connection refused, timeouts) are retried with backoff; answers are not: a
-4xx or 5xx is reported at once as a :class:`FacilitatorError` with the status and a bounded
-excerpt of the body. Retrying ``/settle`` after a timeout is safe because a settlement is bound to
-the EIP-3009 nonce: a facilitator either returns the first transaction or the chain refuses the
-reused nonce; money cannot move twice.
+4xx or 5xx is reported at once as a :class:`FacilitatorError` with the status. Error messages
+never carry the remote body (they reach API callers, and a URL pointed at an internal service
+must not turn the connector into a reader of it); a bounded excerpt goes to the log instead.
+
+With a ``guard`` (:class:`~connector.net.ssrf.OutboundPolicy`; the runtime always passes one for
+a connection's facilitator URL) every TCP connection is vetted and pinned at connect time,
+whatever authentication the request carries.
+
+Retrying ``/settle`` after a timeout is safe because a settlement is bound to the EIP-3009
+nonce: a facilitator either returns the first transaction or the chain refuses the reused nonce;
+money cannot move twice.
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ import httpx
 
 from connector.errors import ExternalServiceError
 from connector.facilitator.transport import Answer, KeepAliveClient, TransportFailure, proxied
+from connector.logs import get_logger
+from connector.net.ssrf import OutboundPolicy
 from connector.retry import call_with_retries
+
+log = get_logger("facilitator.client")
 
 _EXCERPT = 500
 _MAX_ANSWER = 1 << 20  # a facilitator's answers are a few hundred bytes
@@ -38,8 +49,10 @@ class FacilitatorClient:
         timeout_s: float = 15.0,
         max_attempts: int = 3,
         transport: httpx.BaseTransport | None = None,
+        guard: OutboundPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._guard = guard
         headers = {"accept": "application/json", "user-agent": "x402-connector"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -55,8 +68,11 @@ class FacilitatorClient:
                 timeout_s=timeout_s,
                 connect_timeout_s=connect_s,
                 max_body_bytes=_MAX_ANSWER,
+                create_connection=guard.create_connection if guard is not None else None,
             )
         else:
+            if transport is None and guard is not None:
+                transport = guard.transport()
             self._http = httpx.Client(
                 base_url=self.base_url,
                 headers=headers,
@@ -83,6 +99,10 @@ class FacilitatorClient:
             data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
             return self._fast.request(method, path, data)
         assert self._http is not None
+        if self._guard is not None:
+            # A proxy from the environment opens the connection itself (the transport's
+            # connect-time check does not see it): check the URL before every request.
+            self._guard.check_url(self.base_url + path)
         response = self._http.request(method, path, json=body)
         return Answer(response.status_code, response.content[:_MAX_ANSWER])
 
@@ -99,10 +119,10 @@ class FacilitatorClient:
                 f"{type(exc).__name__}",
                 url=self.base_url + path,
             ) from exc
-        text = answer.body[:_EXCERPT].decode("utf-8", "replace")
         if answer.status >= 400:
+            self._log_excerpt(path, answer)
             raise FacilitatorError(
-                f"facilitator {path} answered HTTP {answer.status}: {text}",
+                f"facilitator {path} answered HTTP {answer.status}",
                 status_code=answer.status,
                 retryable=answer.status >= 500 or answer.status == 429,
             )
@@ -111,7 +131,19 @@ class FacilitatorClient:
         try:
             return json.loads(answer.body)
         except ValueError as exc:
-            raise FacilitatorError(f"facilitator {path} answered non-JSON: {text}") from exc
+            self._log_excerpt(path, answer)
+            raise FacilitatorError(f"facilitator {path} answered non-JSON") from exc
+
+    def _log_excerpt(self, path: str, answer: Answer) -> None:
+        """The operator may need the body to debug; the log gets a bounded, escaped excerpt."""
+        log.warning(
+            "facilitator error answer",
+            extra={
+                "path": path,
+                "status": answer.status,
+                "excerpt": repr(answer.body[:_EXCERPT])[: _EXCERPT + 50],
+            },
+        )
 
     @staticmethod
     def _body(payload: dict[str, Any], requirements: dict[str, Any]) -> dict[str, Any]:

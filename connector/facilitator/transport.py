@@ -21,8 +21,12 @@ import socket
 import ssl
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+#: ``socket.create_connection``'s signature; the SSRF guard supplies one that vets the address.
+CreateConnection = Callable[[tuple[str, int], float | None, tuple[str, int] | None], socket.socket]
 
 
 class TransportFailure(Exception):
@@ -61,6 +65,7 @@ class KeepAliveClient:
         connect_timeout_s: float,
         max_body_bytes: int = 1 << 20,
         max_idle: int = 16,
+        create_connection: CreateConnection | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -78,6 +83,7 @@ class KeepAliveClient:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._tls = ssl.create_default_context() if self._https else None
+        self._create_connection = create_connection
 
     def close(self) -> None:
         with self._lock:
@@ -125,6 +131,10 @@ class KeepAliveClient:
             conn = http.client.HTTPConnection(
                 self._host, self._port, timeout=self._connect_timeout_s
             )
+        if self._create_connection is not None:
+            # http.client opens its socket through this hook (TLS then wraps it with the URL's
+            # hostname), so a guard can vet the address and connect to exactly that address.
+            conn._create_connection = self._create_connection  # type: ignore[attr-defined]
         conn.connect()
         assert conn.sock is not None
         conn.sock.settimeout(self._timeout_s)

@@ -18,7 +18,13 @@ from connector.storage.models.payments import Payment
 
 
 def decide(
-    rt: Runtime, payment_id: str, *, admin_key_id: str, decision: str, note: str | None
+    rt: Runtime,
+    payment_id: str,
+    *,
+    admin_key_id: str,
+    decision: str,
+    note: str | None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     with UnitOfWork(rt.engine) as uow:
         payment = uow.session.get(Payment, payment_id)
@@ -32,6 +38,7 @@ def decide(
             decision=decision,
             ttl=ttl,
             note=note,
+            request_id=request_id,
         )
         if ready and ctx is not None and payment.requirement is not None:
             requirement = proto.requirement_from_stored(

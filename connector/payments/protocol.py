@@ -33,16 +33,15 @@ read_payment_header = codec.read_payment_header
 
 
 def fetcher_for(rt: Runtime) -> HttpFetcher:
-    from connector.webhooks.ssrf import GuardedTransport, guard_for
-
     settings = rt.settings
+    policy = rt.outbound()
     fetcher: HttpFetcher = rt._cached(
         ("fetcher",),
         lambda: HttpFetcher(
             timeout_s=settings.send_timeout_s,
             max_bytes=settings.send_max_response_bytes,
-            guard=guard_for(allow_loopback=settings.send_allow_loopback),
-            transport=GuardedTransport(allow_loopback=settings.send_allow_loopback),
+            guard=policy.guard(),
+            transport=policy.transport(),
         ),
     )
     return fetcher

@@ -1,9 +1,13 @@
 """Approvals for payments above the policy's threshold ("multi-signature" for high values).
 
-A payment waits in ``requires_approval`` until N distinct admin keys approve it, or any one
-rejects it. An approval is bound to the amount and payee the admin saw and expires; stale or
-mismatched approvals do not count. When the last approval arrives the budget is checked again
-(it may have been spent meanwhile) and only then is the authorization signed.
+A payment waits in ``requires_approval`` until N distinct *principals* (people, not keys)
+approve it, or any one rejects it. A key minted through the API inherits its minter's principal,
+so one admin holding several keys is still one approver; a principal approves once, and a key
+minted after the payment was created by a principal who already approved it (or who minted an
+earlier approver's key after the payment) cannot approve. An approval is bound to the amount and
+payee the admin saw and expires; stale or mismatched approvals do not count. When the last
+approval arrives the budget is checked again (it may have been spent meanwhile) and only then is
+the authorization signed. Every decision is written to the audit log with the principal and key.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from connector.audit import audit
 from connector.errors import Conflict, NotFound
 from connector.ids import new_id
 from connector.payments.machine import transition
 from connector.payments.states import PaymentState
+from connector.storage.models.connections import AdminKey
 from connector.storage.models.payments import Approval, Payment
 
 S = PaymentState
@@ -31,11 +37,46 @@ def valid_approvals(session: Session, payment: Payment, now: datetime) -> int:
     ).scalars()
     return len(
         {
-            a.admin_key_id
+            a.principal
             for a in rows
             if a.expires_at > now and a.amount == payment.amount and a.payee == payment.payee
         }
     )
+
+
+def _accountable(session: Session, key_id: str, payment: Payment) -> tuple[str, set[str]]:
+    """The key's principal, and every principal answerable for its approval: its own, plus its
+    minter's when the key was minted after the payment was created (a fresh key made to approve
+    this very payment speaks for whoever made it)."""
+    key = session.get(AdminKey, key_id)
+    if key is None:  # not a stored key (direct service use): the key is its own principal
+        return f"key:{key_id}", {f"key:{key_id}"}
+    people = {key.principal}
+    if key.created_at > payment.created_at and key.created_by:
+        minter = session.get(AdminKey, key.created_by)
+        if minter is not None:
+            people.add(minter.principal)
+    return key.principal, people
+
+
+def _check_four_eyes(session: Session, payment: Payment, key_id: str) -> str:
+    principal, people = _accountable(session, key_id, payment)
+    earlier = session.execute(
+        select(Approval).where(
+            col(Approval.payment_id) == payment.id, col(Approval.decision) == "approve"
+        )
+    ).scalars()
+    for approval in earlier:
+        _, theirs = _accountable(session, approval.admin_key_id, payment)
+        theirs.add(approval.principal)
+        shared = people & theirs
+        if shared:
+            raise Conflict(
+                f"principal {sorted(shared)[0]} already approved payment {payment.id} "
+                f"(with key {approval.admin_key_id}); approvals must come from different people",
+                payment_id=payment.id,
+            )
+    return principal
 
 
 def record_decision(
@@ -47,6 +88,7 @@ def record_decision(
     ttl: timedelta,
     note: str | None = None,
     now: datetime | None = None,
+    request_id: str | None = None,
 ) -> tuple[Payment, bool]:
     """Store one admin's decision. Returns (payment, ready): ``ready`` means enough approvals."""
     now = now or datetime.now(UTC)
@@ -60,6 +102,10 @@ def record_decision(
         )
     if decision not in ("approve", "reject"):
         raise ValueError(decision)
+    if decision == "approve":
+        principal = _check_four_eyes(session, payment, admin_key_id)
+    else:  # anyone may stop a payment: a rejection needs no distinct person
+        principal = _accountable(session, admin_key_id, payment)[0]
     try:
         with session.begin_nested():
             session.add(
@@ -67,6 +113,7 @@ def record_decision(
                     id=new_id("apr"),
                     payment_id=payment_id,
                     admin_key_id=admin_key_id,
+                    principal=principal,
                     decision=decision,
                     amount=payment.amount,
                     payee=payment.payee,
@@ -80,6 +127,24 @@ def record_decision(
             f"admin key {admin_key_id} already decided on payment {payment_id}",
             payment_id=payment_id,
         ) from exc
+    approvals = valid_approvals(session, payment, now) if decision == "approve" else 0
+    required = max(1, payment.approvals_required)
+    audit(
+        session,
+        actor=admin_key_id,
+        action=f"payment.{decision}",
+        target_type="payment",
+        target_id=payment_id,
+        after={
+            "decision": decision,
+            "principal": principal,
+            "admin_key_id": admin_key_id,
+            "approvals": approvals,
+            "approvals_required": required,
+            "note": note,
+        },
+        request_id=request_id,
+    )
     if decision == "reject":
         transition(
             session,
@@ -90,4 +155,4 @@ def record_decision(
             failure_reason=f"rejected by {admin_key_id}" + (f": {note}" if note else ""),
         )
         return payment, False
-    return payment, valid_approvals(session, payment, now) >= max(1, payment.approvals_required)
+    return payment, approvals >= required

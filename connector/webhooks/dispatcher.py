@@ -31,7 +31,6 @@ from connector.storage.models.connections import Connection
 from connector.storage.models.events import Delivery, DeliveryAttempt, Event, Subscription
 from connector.webhooks import delivery as http
 from connector.webhooks import subscriptions
-from connector.webhooks.ssrf import GuardedTransport
 
 log = get_logger(__name__)
 LEASE = timedelta(seconds=60)
@@ -307,7 +306,7 @@ def deliver_due(
     if not jobs:
         return 0
     settings = rt.settings
-    transport = transport or GuardedTransport(allow_loopback=settings.webhook_allow_loopback)
+    transport = transport or rt.outbound().transport()
     with httpx.Client(
         transport=transport,
         timeout=httpx.Timeout(

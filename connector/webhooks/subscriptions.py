@@ -16,10 +16,10 @@ from sqlmodel import Session
 from connector.errors import NotFound, ValidationFailed
 from connector.events.catalogue import EVENT_TYPES
 from connector.ids import new_id
+from connector.net.ssrf import OutboundPolicy, check_url
 from connector.storage.models.events import Subscription
 from connector.vault import Vault
 from connector.webhooks.signing import generate_secret
-from connector.webhooks.ssrf import check_url
 
 SECRET, PREVIOUS_SECRET = "secret", "previous_secret"
 
@@ -40,9 +40,14 @@ def view(sub: Subscription) -> dict[str, Any]:
     }
 
 
-def _validate(url: str, event_types: list[str], allow_loopback: bool) -> None:
+def _validate(
+    url: str, event_types: list[str], allow_loopback: bool, policy: OutboundPolicy | None
+) -> None:
     try:
-        check_url(url, allow_loopback=allow_loopback)
+        if policy is not None:
+            policy.check_url(url)
+        else:
+            check_url(url, allow_loopback=allow_loopback)
     except ValidationFailed:
         raise
     except Exception as exc:
@@ -61,8 +66,12 @@ def create(
     event_types: list[str],
     description: str | None = None,
     allow_loopback: bool = False,
+    policy: OutboundPolicy | None = None,
+    created_by_key: str | None = None,
 ) -> tuple[Subscription, str]:
-    _validate(url, event_types, allow_loopback)
+    """``policy`` is the runtime's SSRF policy (the same rules as delivery); ``created_by_key``
+    records which API key made it, so a non-admin key can later delete only its own."""
+    _validate(url, event_types, allow_loopback, policy)
     sub_id = new_id("sub")
     secret = generate_secret()
     sub = Subscription(
@@ -72,6 +81,7 @@ def create(
         event_types=sorted(set(event_types)),
         secret_token=vault.encrypt(secret, owner=sub_id, field=SECRET),
         description=description,
+        created_by_key=created_by_key,
     )
     session.add(sub)
     session.flush()

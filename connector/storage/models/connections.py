@@ -63,6 +63,13 @@ class AdminKey(SQLModel, table=True):
     prefix: str = Field(max_length=24, index=True)  # shown in lists to recognize a key
     secret_hash: str = Field(max_length=64)  # sha256 hex of the full key
     scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # The person or operator identity accountable for this key. A key minted through the API
+    # inherits its minter's principal; only the CLI/bootstrap names a new one. Approvals count
+    # distinct principals, not keys.
+    principal: str = Field(default="operator", max_length=120)
+    created_by: str | None = Field(default=None, max_length=40)  # minting key id, or cli/system
+    # Connections an ``actions`` key may use (None: every connection; admin keys always all).
+    connection_ids: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     created_at: datetime = _ts()
     last_used_at: datetime | None = _ts(nullable=True)
     revoked_at: datetime | None = _ts(nullable=True)

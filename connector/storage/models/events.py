@@ -46,6 +46,7 @@ class Subscription(SQLModel, table=True):
     disabled_reason: str | None = Field(default=None, max_length=512)
     failing_since: datetime | None = _ts(nullable=True)
     description: str | None = Field(default=None, max_length=256)
+    created_by_key: str | None = Field(default=None, max_length=40)  # API key that subscribed
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 

@@ -190,6 +190,7 @@ class Approval(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     payment_id: str = Field(index=True, max_length=40)
     admin_key_id: str = Field(max_length=40)
+    principal: str = Field(default="", max_length=120)  # the key's principal when it decided
     decision: str = Field(max_length=8)  # approve | reject
     amount: int = _money()
     payee: str = Field(max_length=42)
