@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from api.stack import Stack
+from connector import admin_keys
+from connector.storage.db import transaction
 from tests.fixtures.stack import Agent, make_agent
 
 pytestmark = [pytest.mark.chain, pytest.mark.xdist_group("stack")]
@@ -158,10 +160,14 @@ def test_approval_by_two_admins_then_payment_runs(stack: Stack, seller: Agent) -
     )
     waiting = big.run("send", {"to": seller.account.address, "amount": "150"})["payment"]
     assert waiting["state"] == "requires_approval"
+    # Two people: each key names its own principal, as the CLI makes them (a key minted through
+    # the API would inherit the bootstrap key's principal and count as the same person).
     keys = []
-    for name in ("alice", "bob"):
-        created = big.http.post("/v1/admin/keys", json={"name": name, "scopes": ["admin"]}).json()
-        keys.append(created["key_once"])
+    with transaction(stack.runtime.engine) as session:
+        for name in ("alice", "bob"):
+            keys.append(
+                admin_keys.create_key(session, name=name, scopes=["admin"], principal=name)[1]
+            )
     before = seller.balance()
     first = big.http.post(
         f"/v1/admin/payments/{waiting['id']}/approve",
