@@ -241,7 +241,9 @@ def test_the_pooled_transport_connects_to_the_vetted_address_and_keeps_the_host_
 
     @app.get("/supported")
     def supported(request: Request) -> dict[str, Any]:
-        seen.append({"host": request.headers.get("host"), "auth": request.headers.get("authorization")})
+        seen.append(
+            {"host": request.headers.get("host"), "auth": request.headers.get("authorization")}
+        )
         return {"kinds": []}
 
     with LiveServer(app) as server:
