@@ -42,25 +42,45 @@ def session(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
         uow.commit()
 
 
-def _auth_limit(request: Request, rt: Runtime, token: str) -> tuple[FailureLimiter, list[str]]:
-    """Refuse (429) a client address or key prefix with too many recent failed authentications,
-    before any lookup; returns the limiter and the names a failure would count under."""
-    limiter: FailureLimiter | None = getattr(request.app.state, "auth_limiter", None)
-    if limiter is None:
-        limiter = request.app.state.auth_limiter = FailureLimiter(
-            rt.settings.auth_failure_limit, rt.settings.auth_failure_window_s
-        )
-    who = [f"addr:{request.client.host if request.client else 'unknown'}"]
-    if token.startswith(admin_keys.KEY_PREFIX):
-        who.append("prefix:" + token[: len(admin_keys.KEY_PREFIX) + 8])
-    wait = limiter.retry_after(who)
-    if wait is not None:
-        raise HTTPException(
-            429,
-            "too many failed authentications; retry after the Retry-After delay",
-            headers={"retry-after": str(wait)},
-        )
-    return limiter, who
+def _too_many(wait: int) -> HTTPException:
+    return HTTPException(
+        429,
+        "too many failed authentications; retry after the Retry-After delay",
+        headers={"retry-after": str(wait)},
+    )
+
+
+class _AuthLimit:
+    """Failed-authentication limits for one request (see api/ratelimit.py).
+
+    A client address over the limit is refused before any lookup. A key prefix over the limit
+    (failures from any address) turns further *failures* with that prefix into 429s, but the
+    key's real holder, presenting the right secret, is still let in: knowing a prefix (it is
+    shown in lists and logs) must not be enough to lock a key out.
+    """
+
+    def __init__(self, request: Request, rt: Runtime, token: str) -> None:
+        limiter: FailureLimiter | None = getattr(request.app.state, "auth_limiter", None)
+        if limiter is None:
+            limiter = request.app.state.auth_limiter = FailureLimiter(
+                rt.settings.auth_failure_limit, rt.settings.auth_failure_window_s
+            )
+        self.limiter = limiter
+        self.address = f"addr:{request.client.host if request.client else 'unknown'}"
+        self.names = [self.address]
+        if token.startswith(admin_keys.KEY_PREFIX):
+            self.names.append("prefix:" + token[: len(admin_keys.KEY_PREFIX) + 8])
+        wait = limiter.retry_after([self.address])
+        if wait is not None:
+            raise _too_many(wait)
+
+    def failed(self) -> HTTPException:
+        """Count a failure; the error to raise (429 once the prefix is over its limit)."""
+        wait = self.limiter.retry_after(self.names[1:])
+        self.limiter.failed(self.names)
+        if wait is not None:
+            return _too_many(wait)
+        return HTTPException(401, "invalid or revoked API key")
 
 
 def require(scope: str) -> Callable[..., AdminKey]:
@@ -69,12 +89,11 @@ def require(scope: str) -> Callable[..., AdminKey]:
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         if not token:
             raise HTTPException(401, "missing bearer API key")
-        limiter, who = _auth_limit(request, rt, token)
+        limit = _AuthLimit(request, rt, token)
         with UnitOfWork(rt.engine) as uow:
             key = admin_keys.authenticate(uow.session, token)
             if key is None:
-                limiter.failed(who)
-                raise HTTPException(401, "invalid or revoked API key")
+                raise limit.failed()
             if not admin_keys.has_scope(key, scope):
                 raise HTTPException(403, f"this key lacks the {scope!r} scope")
             key.last_used_at = datetime.now(UTC)
