@@ -119,3 +119,89 @@ def test_guarded_transport_refuses_private_hosts_through_httpx() -> None:
     with httpx.Client(transport=transport) as client, pytest.raises(UnsafeURL):
         client.get("http://printer.example/")
     assert backend.connects == []
+
+
+# ---------------------------------------------------------------- the one policy (connector.net)
+
+
+def test_the_old_import_path_is_the_new_module() -> None:
+    from connector.net import ssrf as net_ssrf
+
+    assert ssrf.check_url is net_ssrf.check_url
+    assert ssrf.GuardedTransport is net_ssrf.GuardedTransport
+
+
+def policy(**kwargs: Any) -> Any:
+    from types import SimpleNamespace
+
+    from connector.net.ssrf import OutboundPolicy
+
+    settings = SimpleNamespace(
+        outbound_loopback_allowed=kwargs.pop("loopback", False),
+        outbound_allow_hosts=kwargs.pop("hosts", ""),
+    )
+    return OutboundPolicy.from_settings(settings, kwargs.pop("resolver"))
+
+
+def test_operator_allowed_names_and_networks_open_exactly_themselves() -> None:
+    names = {
+        "rpc.internal": ["10.1.2.3"],
+        "node.corp.example": ["10.9.9.9"],
+        "other.internal": ["10.1.2.4"],
+        "imds.internal": ["169.254.169.254"],
+        "lan.example": ["192.168.5.5"],
+    }
+    p = policy(
+        hosts="rpc.internal, *.corp.example, 192.168.5.0/24",
+        resolver=lambda host, port: names[host],
+    )
+    assert p.check_url("http://rpc.internal:8545/") == ["10.1.2.3"]
+    assert p.check_url("http://node.corp.example/") == ["10.9.9.9"]
+    assert p.check_url("http://lan.example/") == ["192.168.5.5"]
+    assert p.check_url("http://192.168.5.7/") == ["192.168.5.7"]
+    for url in ("http://other.internal/", "http://10.1.2.3/", "http://127.0.0.1/"):
+        with pytest.raises(UnsafeURL):
+            p.check_url(url)
+    with pytest.raises(UnsafeURL):  # metadata stays refused even for an allowed name
+        policy(hosts="imds.internal", resolver=lambda h, p: names[h]).check_url(
+            "http://imds.internal/"
+        )
+    with pytest.raises(UnsafeURL):
+        policy(hosts="169.254.0.0/16", resolver=stub(["1.1.1.1"])).check_url(
+            "http://169.254.169.254/"
+        )
+
+
+def test_settings_aliases_turn_on_the_one_loopback_switch(tmp_path: Any) -> None:
+    from connector.settings import Settings
+
+    assert not Settings(data_dir=tmp_path).outbound_loopback_allowed
+    for name in ("outbound_allow_loopback", "webhook_allow_loopback", "send_allow_loopback"):
+        assert Settings(data_dir=tmp_path, **{name: True}).outbound_loopback_allowed
+
+
+@pytest.mark.parametrize(
+    "url", ["http://0177.0.0.1/", "http://2130706433/", "http://0x7f.1/", "http://127.1/"]
+)
+def test_non_canonical_numeric_hosts_are_refused_without_resolving(url: str) -> None:
+    resolver = stub(["93.184.216.34"])
+    with pytest.raises(UnsafeURL):
+        policy(loopback=True, resolver=resolver).check_url(url)
+    assert resolver.calls == []
+
+
+def test_malformed_ports_are_an_unsafe_url_not_a_crash() -> None:
+    with pytest.raises(UnsafeURL):
+        policy(resolver=stub(["93.184.216.34"])).check_url("http://a.example:99999/")
+
+
+def test_create_connection_refuses_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    attempts: list[Any] = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: attempts.append(a))
+    with pytest.raises(UnsafeURL):
+        policy(resolver=stub(["10.0.0.1"])).create_connection(("svc.example", 80), 1.0, None)
+    assert attempts == []
+    policy(resolver=stub(["93.184.216.34"])).create_connection(("svc.example", 80), 1.0, None)
+    assert attempts == [(("93.184.216.34", 80), 1.0, None)]  # the vetted address, not the name
