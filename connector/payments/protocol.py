@@ -34,16 +34,17 @@ read_payment_header = codec.read_payment_header
 
 def fetcher_for(rt: Runtime) -> HttpFetcher:
     settings = rt.settings
-    policy = rt.outbound()
-    fetcher: HttpFetcher = rt._cached(
-        ("fetcher",),
-        lambda: HttpFetcher(
+
+    def build() -> HttpFetcher:
+        policy = rt.outbound()
+        return HttpFetcher(
             timeout_s=settings.send_timeout_s,
             max_bytes=settings.send_max_response_bytes,
             guard=policy.guard(),
             transport=policy.transport(),
-        ),
-    )
+        )
+
+    fetcher: HttpFetcher = rt._cached(("fetcher",), build)
     return fetcher
 
 
