@@ -63,6 +63,17 @@ class ConcurrentUpdate(Conflict):
     title = "Concurrent update"
 
 
+class WalletKeyMissing(Conflict):
+    """The action must sign from a wallet whose key this connection does not hold.
+
+    A receive-only connection (``pay_to`` address, no wallet key) can take payments; sending,
+    refunding or forwarding needs the key of the address the money leaves from.
+    """
+
+    code = "wallet_key_missing"
+    title = "Wallet key missing"
+
+
 class PolicyRefused(ConnectorError):
     """The spending policy said no; ``rule`` names the rule that refused."""
 

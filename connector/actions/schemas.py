@@ -143,6 +143,14 @@ class ReceiveInput(_Model):
         default=None, description="Who `release` pays (custodial escrow)."
     )
     max_payments: int = Field(default=1, ge=1, le=1_000_000)
+    pay_to: Address | None = Field(
+        default=None,
+        description="Address the payer pays (default: the connection's pay_to or wallet). "
+        "Receiving needs no key for it.",
+    )
+    protocols: Literal["both", "v1", "v2"] = Field(
+        default="both", description="x402 versions the paywall offers."
+    )
 
     @model_validator(mode="after")
     def _custody(self) -> ReceiveInput:
@@ -159,6 +167,7 @@ class PaymentRequestView(BaseModel):
     asset: str
     network: str
     pay_to: str
+    protocols: str = "both"
     capture: str
     custodial: bool
     max_payments: int

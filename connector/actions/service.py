@@ -194,7 +194,8 @@ def _balance(
     rt: Runtime, ctx: ConnectionContext, inp: s.BalanceInput, job: ClaimedJob
 ) -> s.BalanceOutput:
     asset, _, _ = proto.asset_for(rt, ctx, ctx.network, inp.asset)
-    balance = rt.chain(ctx.rpc_url).token_balance(asset, ctx.wallet_address)
+    address = ctx.wallet_address or ctx.receiving_address  # receive-only: the pay_to address
+    balance = rt.chain(ctx.rpc_url).token_balance(asset, address)
     with UnitOfWork(rt.engine) as uow:
         rows = uow.session.execute(
             select(Payment)
@@ -204,7 +205,7 @@ def _balance(
         ).scalars()
         history = [_payment_view(p) for p in rows]
     return s.BalanceOutput(
-        address=ctx.wallet_address,
+        address=address,
         network=ctx.network,
         asset=asset,
         balance=str(balance),

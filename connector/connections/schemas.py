@@ -62,7 +62,7 @@ class _Base(BaseModel):
             raise ValueError("must look like whsec_<base64, at least 24 chars>")
         return value
 
-    @field_validator("asset", check_fields=False)
+    @field_validator("asset", "pay_to", check_fields=False)
     @classmethod
     def _asset(cls, value: str | None) -> str | None:
         if value is not None and not _ADDRESS.match(value):
@@ -82,7 +82,14 @@ class ConnectionCreate(_Base):
         default=None, description="Write-only; generated (and shown once) when omitted."
     )
     private_key: SecretStr | None = Field(
-        default=None, description="Write-only wallet key; a new wallet is generated if omitted."
+        default=None,
+        description="Write-only wallet key, needed to send, refund or forward. Omitted: a new "
+        "wallet is generated, unless `pay_to` is given (then the connection is receive-only).",
+    )
+    pay_to: str | None = Field(
+        default=None,
+        description="Address that receives payments (default: the wallet's). With no "
+        "`private_key` the connection holds no key and can only receive.",
     )
     capture_default: Literal["automatic", "manual"] = "automatic"
     policy: SpendingPolicy = Field(default_factory=SpendingPolicy)
@@ -96,6 +103,7 @@ class ConnectionUpdate(_Base):
     asset: str | None = None
     api_key: SecretStr | None = Field(default=None, max_length=512)
     webhook_url: str | None = Field(default=None, max_length=2048)
+    pay_to: str | None = None
     capture_default: Literal["automatic", "manual"] | None = None
     policy: SpendingPolicy | None = None
 
@@ -113,7 +121,9 @@ class ConnectionView(BaseModel):
     webhook_url: str | None
     has_webhook_secret: bool
     webhook_secret_rotating_until: str | None
-    wallet_address: str
+    wallet_address: str | None = Field(description="None on a receive-only connection.")
+    has_wallet_key: bool
+    pay_to: str = Field(description="Where incoming payments go.")
     capture_default: str
     policy: dict[str, Any]
     created_at: str

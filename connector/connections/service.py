@@ -21,13 +21,20 @@ from connector.connections.schemas import (
     ConnectionUpdate,
     ConnectionView,
 )
-from connector.errors import ConcurrentUpdate, NotFound, UnsafeURL, ValidationFailed
+from connector.errors import (
+    ConcurrentUpdate,
+    NotFound,
+    UnsafeURL,
+    ValidationFailed,
+    WalletKeyMissing,
+)
 from connector.ids import new_id
 from connector.logs import register_secret
 from connector.storage.models.connections import Connection, WalletKey
 from connector.vault import Vault
 from connector.webhooks.signing import generate_secret
 from connector.x402.exact_evm import Signer
+from connector.x402.fields import checksum
 
 API_KEY, WEBHOOK_SECRET, PREVIOUS_WEBHOOK_SECRET, WALLET_KEY = (
     "api_key",
@@ -58,11 +65,21 @@ def view(conn: Connection) -> ConnectionView:
         has_webhook_secret=True,
         webhook_secret_rotating_until=_iso(rotating),
         wallet_address=conn.wallet_address,
+        has_wallet_key=conn.wallet_key_token is not None,
+        pay_to=receiving_address(conn),
         capture_default=conn.capture_default,
         policy=conn.policy,
         created_at=conn.created_at.isoformat(),
         updated_at=conn.updated_at.isoformat(),
     )
+
+
+def receiving_address(conn: _HasAddresses) -> str:
+    """Where incoming payments go: the configured ``pay_to``, else the wallet's address."""
+    address = conn.pay_to or conn.wallet_address
+    if address is None:  # the create/update rules keep one of them set
+        raise ValidationFailed(f"connection {conn.id} has neither pay_to nor a wallet")
+    return address
 
 
 def _public(conn: Connection) -> dict[str, Any]:
@@ -121,7 +138,9 @@ def create(
     generated = data.webhook_secret is None
     webhook_secret = generate_secret() if generated else data.webhook_secret.get_secret_value()  # type: ignore[union-attr]
     key_hex = data.private_key.get_secret_value() if data.private_key else None
-    account = _new_wallet(session, vault, conn_id, key_hex)
+    # Receiving needs only an address: with `pay_to` and no key, hold no key at all.
+    receive_only = key_hex is None and data.pay_to is not None
+    account = None if receive_only else _new_wallet(session, vault, conn_id, key_hex)
     api_key = data.api_key.get_secret_value() if data.api_key else None
     conn = Connection(
         id=conn_id,
@@ -134,8 +153,13 @@ def create(
         api_key_hint=Vault.hint(api_key) if api_key else None,
         webhook_url=data.webhook_url,
         webhook_secret_token=vault.encrypt(webhook_secret, owner=conn_id, field=WEBHOOK_SECRET),
-        wallet_key_token=vault.encrypt("0x" + account.key.hex(), owner=conn_id, field=WALLET_KEY),
-        wallet_address=account.address,
+        wallet_key_token=(
+            vault.encrypt("0x" + account.key.hex(), owner=conn_id, field=WALLET_KEY)
+            if account
+            else None
+        ),
+        wallet_address=account.address if account else None,
+        pay_to=checksum(data.pay_to) if data.pay_to else None,
         capture_default=data.capture_default,
         policy=data.policy.model_dump(mode="json", exclude_defaults=True),
         created_at=now,
@@ -167,10 +191,11 @@ class PaymentConnection:
     rpc_url: str
     facilitator_url: str
     asset: str | None
-    wallet_address: str
+    wallet_address: str | None
+    pay_to: str | None
     capture_default: str
     policy: dict[str, Any]
-    wallet_key_token: str = dataclasses.field(repr=False)
+    wallet_key_token: str | None = dataclasses.field(repr=False)
     api_key_token: str | None = dataclasses.field(repr=False)
 
 
@@ -271,6 +296,12 @@ def update(
         conn.capture_default = data.capture_default
     if data.policy is not None:
         conn.policy = data.policy.model_dump(mode="json", exclude_defaults=True)
+    if "pay_to" in changes:
+        if data.pay_to is None and conn.wallet_address is None:
+            raise ValidationFailed(
+                "a receive-only connection needs its pay_to address", field="pay_to"
+            )
+        conn.pay_to = checksum(data.pay_to) if data.pay_to else None
     if "api_key" in changes:
         secret = data.api_key.get_secret_value() if data.api_key else None
         conn.api_key_token = vault.encrypt(secret, owner=conn.id, field=API_KEY) if secret else None
@@ -375,20 +406,36 @@ def rotate_wallet(
 # ---------------------------------------------------------------------------- secret access
 
 
+class _HasAddresses(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def wallet_address(self) -> str | None: ...
+    @property
+    def pay_to(self) -> str | None: ...
+
+
 class _HoldsSecrets(Protocol):
     @property
     def id(self) -> str: ...
     @property
-    def wallet_address(self) -> str: ...
+    def wallet_address(self) -> str | None: ...
     @property
-    def wallet_key_token(self) -> str: ...
+    def wallet_key_token(self) -> str | None: ...
     @property
     def api_key_token(self) -> str | None: ...
 
 
 def signing_account(vault: Vault, conn: _HoldsSecrets) -> Signer:
     """The wallet's key for signing. The address is the one derived from this key when it was
-    stored; the ciphertext is bound to this connection and field, so the two cannot drift."""
+    stored; the ciphertext is bound to this connection and field, so the two cannot drift.
+    A receive-only connection has none: :class:`WalletKeyMissing` says so."""
+    if conn.wallet_key_token is None or conn.wallet_address is None:
+        raise WalletKeyMissing(
+            f"connection {conn.id} holds no wallet key (receive-only): sending, refunding or "
+            "forwarding needs one; add it with rotate-wallet",
+            connection_id=conn.id,
+        )
     key = vault.decrypt(conn.wallet_key_token, owner=conn.id, field=WALLET_KEY)
     register_secret(key)
     return Signer(address=conn.wallet_address, key=bytes.fromhex(key.removeprefix("0x")))

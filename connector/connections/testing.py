@@ -89,8 +89,9 @@ def run_connection_test(rt: Runtime, connection_id: str) -> ConnectionTestReport
 
     def balance() -> str:
         asset, _, _ = proto.asset_for(rt, ctx, ctx.network, None)
-        value = rt.chain(ctx.rpc_url).token_balance(asset, ctx.wallet_address)
-        return f"{value} atomic units of {asset} at {ctx.wallet_address}"
+        address = ctx.wallet_address or ctx.receiving_address
+        value = rt.chain(ctx.rpc_url).token_balance(asset, address)
+        return f"{value} atomic units of {asset} at {address}"
 
     def webhook() -> str:
         if not conn.webhook_url:

@@ -20,14 +20,38 @@ class ConnectionContext:
     network: str  # CAIP-2
     rpc_url: str
     facilitator_url: str
-    wallet_address: str
+    wallet_address: str | None  # None: receive-only connection (no key)
     capture_default: str
     policy: SpendingPolicy
     _account: Callable[[], SigningKey] = field(repr=False)
     _api_key: Callable[[], str | None] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    pay_to: str | None = None  # receiving address when it is not the wallet's
 
     def account(self) -> SigningKey:
+        """The wallet's signing key; raises ``WalletKeyMissing`` on a receive-only connection."""
+        return self._account()
+
+    @property
+    def receiving_address(self) -> str:
+        address = self.pay_to or self.wallet_address
+        assert address is not None  # the connection rules keep one of them set
+        return address
+
+    def holds_key_for(self, address: str) -> bool:
+        return self.wallet_address is not None and self.wallet_address.lower() == address.lower()
+
+    def account_for(self, address: str, why: str) -> SigningKey:
+        """The key that can move money out of ``address`` (a refund or an escrow release must
+        be signed by the address that received the payment)."""
+        from connector.errors import WalletKeyMissing
+
+        if not self.holds_key_for(address):
+            raise WalletKeyMissing(
+                f"{why} must be signed by {address}, and this connection holds no key for it",
+                connection_id=self.id,
+                address=address,
+            )
         return self._account()
 
     def api_key(self) -> str | None:

@@ -40,4 +40,5 @@ def load_connection(
         _account=account,
         _api_key=api_key,
         extra={"asset": conn.asset},
+        pay_to=conn.pay_to,
     )

@@ -75,7 +75,8 @@ def _forward_to_beneficiary(rt: Runtime, ctx: ConnectionContext, payment: Paymen
     if payment.release_payload is None:
         amount = payment.amount - payment.refunded_amount
         requirement = proto.transfer_requirement(payment, pay_to=payment.beneficiary, amount=amount)
-        signed = proto.sign_payment(ctx.account(), requirement, 2, None)
+        account = ctx.account_for(payment.payee or "", f"the release of {payment.id}")
+        signed = proto.sign_payment(account, requirement, 2, None)
         with UnitOfWork(rt.engine) as uow:
             current = uow.session.get(Payment, payment.id)
             assert current is not None

@@ -23,7 +23,7 @@ from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions.schemas import PaymentRequestView, ReceiveInput
-from connector.errors import ConnectorError, NotFound
+from connector.errors import ConnectorError, NotFound, WalletKeyMissing
 from connector.ids import new_id
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
@@ -32,6 +32,7 @@ from connector.payments.states import PaymentState
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment, PaymentRequest
+from connector.x402.fields import checksum
 
 log = get_logger(__name__)
 S = PaymentState
@@ -46,13 +47,22 @@ def create_request(
     now = now or datetime.now(UTC)
     network = proto.normalize_network(inp.network or ctx.network)
     asset, token_name, token_version = proto.asset_for(rt, ctx, network, inp.asset)
+    pay_to = checksum(inp.pay_to) if inp.pay_to else ctx.receiving_address
+    if inp.custodial and not ctx.holds_key_for(pay_to):
+        # Custodial escrow forwards the money later: that transfer is signed by pay_to's key.
+        raise WalletKeyMissing(
+            f"custodial escrow needs the key of {pay_to} to release or refund; this connection "
+            "holds none for it",
+            connection_id=ctx.id,
+            address=pay_to,
+        )
     request = PaymentRequest(
         id=new_id("prq"),
         connection_id=ctx.id,
         amount=int(inp.amount),
         asset=asset,
         network=network,
-        pay_to=ctx.wallet_address,
+        pay_to=pay_to,
         token_name=token_name,
         token_version=token_version,
         description=inp.description,
@@ -64,6 +74,7 @@ def create_request(
         custodial=inp.custodial,
         beneficiary=inp.beneficiary,
         max_payments=inp.max_payments,
+        protocols=inp.protocols,
         expires_at=now + timedelta(seconds=inp.expires_in_s),
         created_at=now,
     )
@@ -85,6 +96,7 @@ def request_view(rt: Runtime, request: PaymentRequest) -> PaymentRequestView:
         asset=request.asset,
         network=request.network,
         pay_to=request.pay_to,
+        protocols=request.protocols,
         capture=request.capture,
         custodial=request.custodial,
         max_payments=request.max_payments,
@@ -120,7 +132,11 @@ def _requirement(rt: Runtime, request: PaymentRequest) -> proto.Requirement:
 
 def _payment_required(rt: Runtime, request: PaymentRequest, error: str | None) -> PaywallAnswer:
     headers, body = proto.payment_required_response(
-        _requirement(rt, request), paywall_url(rt, request.id), request.description, error
+        _requirement(rt, request),
+        paywall_url(rt, request.id),
+        request.description,
+        error,
+        request.protocols,
     )
     return PaywallAnswer(402, headers, body)
 
@@ -162,6 +178,9 @@ def handle_paywall(
     if closed:
         return _payment_required(rt, request, closed)
     requirement = _requirement(rt, request)
+    if request.protocols != "both" and request.protocols != f"v{incoming.version}":
+        offered = f"x402 version {incoming.version} is not offered here ({request.protocols})"
+        return _payment_required(rt, request, offered)
     try:
         payload = proto.check_incoming(incoming, requirement)
     except ConnectorError as exc:

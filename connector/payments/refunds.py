@@ -75,10 +75,11 @@ def start_refund(
             )
         if payment.payer is None:
             raise Conflict(f"payment {payment_id} has no known payer", payment_id=payment_id)
+        account = ctx.account_for(payment.payee or "", f"a refund of {payment_id}")
         # The transition check refuses refunds of unsettled, released or in-refund payments.
         transition(session, payment, S.REFUNDING)
         requirement = proto.transfer_requirement(payment, pay_to=payment.payer, amount=value)
-        signed = proto.sign_payment(ctx.account(), requirement, 2, None)
+        signed = proto.sign_payment(account, requirement, 2, None)
         refund = Refund(
             id=new_id("ref"),
             payment_id=payment_id,

@@ -26,7 +26,12 @@ from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions.schemas import SendInput
-from connector.errors import ConcurrentUpdate, ExternalServiceError, PolicyRefused
+from connector.errors import (
+    ConcurrentUpdate,
+    ExternalServiceError,
+    PolicyRefused,
+    WalletKeyMissing,
+)
 from connector.ids import new_id
 from connector.jobs import link_payment
 from connector.logs import get_logger
@@ -92,6 +97,11 @@ def prepare_send(
     ``uow``: an open unit of work (a job's claim) to commit a new direct payment in; it is
     committed first instead when the payment may already exist or a network call comes first.
     """
+    if ctx.wallet_address is None:
+        raise WalletKeyMissing(
+            f"connection {ctx.id} is receive-only (no wallet key): sending needs one",
+            connection_id=ctx.id,
+        )
     direct: proto.Chosen | None = None
     if uow is not None and known_new and inp.url is None:
         direct = proto.direct_requirement_offline(rt, ctx, inp)

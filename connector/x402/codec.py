@@ -22,7 +22,7 @@ from typing import Any
 from connector.x402 import fields as f
 from connector.x402.errors import MalformedPayment, ProtocolError, UnsupportedScheme
 from connector.x402.exact_evm import ExactPayload, parse_exact_payload
-from connector.x402.networks import to_caip2
+from connector.x402.networks import to_caip2, to_v1_name
 from connector.x402.requirement import Requirement, requirement_from_wire
 
 PAYMENT_REQUIRED = "PAYMENT-REQUIRED"
@@ -129,9 +129,15 @@ def parse_payment_required(
 
 
 def payment_required_response(
-    requirement: Requirement, resource_url: str, description: str | None, error: str | None
+    requirement: Requirement,
+    resource_url: str,
+    description: str | None,
+    error: str | None,
+    protocols: str = "both",
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """Headers and body of a 402 that both v1 and v2 clients understand."""
+    """Headers and body of a 402. ``protocols`` "both": v2 header + v1 body, so either client
+    understands it; "v2": the header, and the same v2 object as body (a v1 client then sees
+    ``x402Version: 2`` and knows it cannot pay); "v1": the v1 body only, no v2 header."""
     v2 = {
         "x402Version": 2,
         "error": error or "Payment required",
@@ -142,7 +148,11 @@ def payment_required_response(
         },
         "accepts": [requirement.to_v2()],
     }
+    if protocols == "v2":
+        return {PAYMENT_REQUIRED: encode_b64_json(v2)}, v2
     v1 = {"x402Version": 1, "error": error or "Payment required", "accepts": [requirement.to_v1()]}
+    if protocols == "v1":
+        return {}, v1
     return {PAYMENT_REQUIRED: encode_b64_json(v2)}, v1
 
 
@@ -226,8 +236,14 @@ def payment_header(version: int, wire_payload: dict[str, Any]) -> tuple[str, str
 
 
 def settlement_headers(version: int, settlement: dict[str, Any]) -> dict[str, str]:
-    name = X_PAYMENT_RESPONSE if version == 1 else PAYMENT_RESPONSE
-    return {name: encode_b64_json(settlement)}
+    """The settlement response header; a v1 one names the network by its v1 name
+    (``base-sepolia``), as v1 clients expect, whatever form ``settlement`` carries."""
+    if version == 1:
+        network = settlement.get("network")
+        if isinstance(network, str) and network:
+            settlement = {**settlement, "network": to_v1_name(network)}
+        return {X_PAYMENT_RESPONSE: encode_b64_json(settlement)}
+    return {PAYMENT_RESPONSE: encode_b64_json(settlement)}
 
 
 def parse_settlement(headers: Mapping[str, str]) -> dict[str, Any] | None:

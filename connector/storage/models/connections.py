@@ -30,8 +30,10 @@ class Connection(SQLModel, table=True):
     webhook_secret_token: str = Field(max_length=4096)
     previous_webhook_secret_token: str | None = Field(default=None, max_length=4096)
     previous_webhook_secret_expires_at: datetime | None = _ts(nullable=True)
-    wallet_key_token: str = Field(max_length=4096)
-    wallet_address: str = Field(max_length=42, index=True)
+    # Both None on a receive-only connection (it has a ``pay_to`` address and no key).
+    wallet_key_token: str | None = Field(default=None, max_length=4096)
+    wallet_address: str | None = Field(default=None, max_length=42, index=True)
+    pay_to: str | None = Field(default=None, max_length=42)  # receiving address; None = wallet
     capture_default: str = Field(default="automatic", max_length=12)
     policy: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = _ts()

@@ -121,6 +121,10 @@ class PaymentRequest(SQLModel, table=True):
     beneficiary: str | None = Field(default=None, max_length=42)
     max_payments: int = 1
     paid_count: int = 0
+    # Which x402 versions the paywall offers: "both" | "v1" | "v2".
+    protocols: str = Field(
+        default="both", max_length=8, sa_column_kwargs={"server_default": "both"}
+    )
     status: str = Field(default="open", max_length=12)  # open | closed | expired
     expires_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts()
