@@ -15,6 +15,7 @@ from typing import Any
 from eth_abi.abi import encode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
 
 from connector.chain import abi
 from connector.chain.client import ChainClient, TransactionReverted
@@ -109,6 +110,48 @@ def setup_dev_token(
         token=token,
         token_name=TOKEN_NAME,
         token_version=TOKEN_VERSION,
+        decimals=6,
+        minter=minter.address,
+        funded=list(fund or []),
+    )
+
+
+#: DevUSD's storage slots 0..4: name, symbol, version, totalSupply, minter (short strings live
+#: in their slot). Balances (slot 5 on) are minted afresh at the new address.
+_TOKEN_HEADER_SLOTS = 5
+
+
+def setup_token_at(
+    client: ChainClient,
+    address: str,
+    *,
+    name: str,
+    version: str,
+    symbol: str = "USDC",
+    fund: list[str] | None = None,
+    amount: int = 1_000_000 * 10**6,
+    minter: LocalAccount | None = None,
+) -> DevChainInfo:
+    """Put a DevUSD token at a fixed ``address`` on an anvil node (``anvil_setCode`` plus its
+    storage), e.g. the canonical USDC address of the chain id anvil pretends to be, so that a
+    connection configured only by network name finds "its USDC" offline. Test/dev nodes only:
+    the anvil_* methods exist nowhere else."""
+    minter = minter or dev_accounts(1)[0]
+    source = deploy_dev_token(client, minter, name=name, symbol=symbol, version=version)
+    target = to_checksum_address(address)
+    client.rpc("anvil_setCode", [target, client.rpc("eth_getCode", [source, "latest"])])
+    for slot in range(_TOKEN_HEADER_SLOTS):
+        value = client.rpc("eth_getStorageAt", [source, hex(slot), "latest"])
+        client.rpc("anvil_setStorageAt", [target, hex(slot), "0x" + value[2:].rjust(64, "0")])
+    for account in fund or []:
+        mint(client, target, minter, account, amount)
+    return DevChainInfo(
+        rpc_url=client.rpc_url,
+        chain_id=client.chain_id(),
+        network=f"eip155:{client.chain_id()}",
+        token=target,
+        token_name=name,
+        token_version=version,
         decimals=6,
         minter=minter.address,
         funded=list(fund or []),

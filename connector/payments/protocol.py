@@ -118,8 +118,14 @@ def _asset(
                 f"no default asset on {network}: give `asset` or set it on the connection",
                 field="asset",
             )
-        return known.address, known.name, known.version
-    if known is not None and known.address.lower() == str(chosen).lower():
+        chosen = known.address
+    # When the registry knows the address but no SDK states its domain, read it from the token.
+    if (
+        known is not None
+        and known.address.lower() == str(chosen).lower()
+        and known.name is not None
+        and known.version is not None
+    ):
         return known.address, known.name, known.version
     chain = rt.chain(ctx.rpc_url)
     token = str(chosen)
