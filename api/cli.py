@@ -308,32 +308,105 @@ def devchain(
 
 @app.command()
 def facilitator(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8403,
-    devchain_state: Annotated[Path, typer.Option(help="File written by `x402c devchain`.")] = Path(
-        ".x402c/devchain.json"
-    ),
-    gas_key_index: Annotated[int, typer.Option(help="Dev account paying gas.")] = 19,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="X402C_FACILITATOR_CONFIG",
+            help="TOML/JSON config (networks, tokens, signer, API keys); see docs/facilitator.md.",
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Default: config `host`.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: config `port` (8403).")] = None,
+    devchain_state: Annotated[
+        Path, typer.Option(help="Without a config: the file written by `x402c devchain`.")
+    ] = Path(".x402c/devchain.json"),
+    gas_key_index: Annotated[int, typer.Option(help="Dev chain only: account paying gas.")] = 19,
 ) -> None:
-    """Run the local facilitator for the dev chain."""
+    """Run a facilitator: from a config file / X402C_FACILITATOR_* environment (any number of
+    networks), or, with neither, for the local dev chain."""
+    import os
+
     import uvicorn
 
     from api.facilitator_app import create_facilitator_app
-    from connector.chain import ChainClient
-    from connector.devchain.deploy import DevChainInfo, dev_accounts
-    from connector.facilitator.local import LocalFacilitator
 
-    if not devchain_state.exists():
-        err.print(f"[red]{devchain_state} not found:[/] start `x402c devchain` first")
-        raise typer.Exit(2)
-    info = DevChainInfo.from_file(devchain_state)
-    local = LocalFacilitator(
-        ChainClient(info.rpc_url),
-        dev_accounts(gas_key_index + 1)[gas_key_index],
-        network=info.network,
-        assets={info.token},
+    if config is None and not os.environ.get("X402C_FACILITATOR_NETWORKS"):
+        from connector.chain import ChainClient
+        from connector.devchain.deploy import DevChainInfo, dev_accounts
+        from connector.facilitator.local import LocalFacilitator
+
+        if not devchain_state.exists():
+            err.print(f"[red]{devchain_state} not found:[/] start `x402c devchain` first")
+            raise typer.Exit(2)
+        info = DevChainInfo.from_file(devchain_state)
+        local = LocalFacilitator(
+            ChainClient(info.rpc_url),
+            dev_accounts(gas_key_index + 1)[gas_key_index],
+            network=info.network,
+            assets={info.token},
+        )
+        app_ = create_facilitator_app(local)
+        uvicorn.run(app_, host=host or "127.0.0.1", port=port or 8403, log_level="warning")
+        return
+
+    multi, cfg = _configured_facilitator(config)
+    keys = [k.get_secret_value() for k in cfg.api_keys]
+    multi.check_gas()
+    multi.start_gas_monitor(cfg.gas_check_interval_s)
+    console.print(
+        f"facilitator signer {multi.signer.address} on "
+        + ", ".join(sorted(multi.by_network))
+        + (" (API key required)" if keys else " (no API key)")
     )
-    uvicorn.run(create_facilitator_app(local), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(
+            create_facilitator_app(multi, api_keys=keys, metrics=True),
+            host=host or cfg.host,
+            port=port or cfg.port,
+            log_level="warning",
+        )
+    finally:
+        multi.close()
+
+
+def _configured_facilitator(config: Path | None) -> Any:
+    from pydantic import ValidationError
+
+    from connector.errors import ConnectorError
+    from connector.facilitator.config import load_config
+    from connector.facilitator.multi import MultiFacilitator
+
+    try:
+        cfg = load_config(config)
+        vault = None
+        if cfg.signer.vault_token is not None or cfg.signer.vault_token_file is not None:
+            vault = _runtime().vault
+        signer = cfg.signer_account(vault)
+    except (ValidationError, ConnectorError, OSError, ValueError) as exc:
+        err.print(f"[red]facilitator configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    return MultiFacilitator.from_config(cfg, signer), cfg
+
+
+@app.command("facilitator-seal-key")
+def facilitator_seal_key(
+    key_file: Annotated[Path, typer.Option(help="File holding the signer's hex private key.")],
+) -> None:
+    """Encrypt a facilitator signer key under the vault's master keys; prints the token to put in
+    the facilitator config as `signer.vault_token` (then delete the plain key file)."""
+    from eth_account import Account
+
+    from connector.facilitator.config import VAULT_FIELD, VAULT_OWNER
+
+    key = key_file.read_text().strip()
+    try:
+        address = Account.from_key(key).address
+    except (ValueError, TypeError) as exc:
+        err.print(f"[red]{key_file} does not hold a valid private key[/]")
+        raise typer.Exit(2) from exc
+    token = _runtime().vault.encrypt(key, owner=VAULT_OWNER, field=VAULT_FIELD)
+    err.print(f"signer address {address}")
+    console.print(token)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -6,15 +6,25 @@ malformed request is HTTP 400 (problem+json naming the field).
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import hmac
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from connector.errors import ConnectorError
-from connector.facilitator.local import LocalFacilitator
 from connector.x402.errors import ProtocolError
+
+
+class Facilitating(Protocol):
+    """A one-network :class:`LocalFacilitator` or a :class:`MultiFacilitator`."""
+
+    def verify(self, body: Any) -> dict[str, Any]: ...
+    def settle(self, body: Any) -> dict[str, Any]: ...
+    def supported(self) -> dict[str, Any]: ...
 
 MAX_BODY = 64 * 1024
 
@@ -43,8 +53,34 @@ async def _json_body(request: Request) -> Any:
         raise ProtocolError("request body is not JSON", field="body") from exc
 
 
-def create_facilitator_app(facilitator: LocalFacilitator) -> FastAPI:
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def create_facilitator_app(
+    facilitator: Facilitating, *, api_keys: Iterable[str] = (), metrics: bool = False
+) -> FastAPI:
+    """``api_keys``: when given, /verify and /settle need ``Authorization: Bearer <key>``
+    (compared as SHA-256 digests in constant time; /supported and /healthz stay open)."""
     app = FastAPI(title="x402-connector local facilitator", version="1")
+    allowed = [_digest(k) for k in api_keys]
+
+    def _authorized(request: Request) -> bool:
+        if not allowed:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        presented = _digest(token.strip())
+        return any(hmac.compare_digest(presented, key) for key in allowed)
+
+    def _unauthorized() -> JSONResponse:
+        response = _problem(
+            401, "unauthorized", "Unauthorized", "a valid facilitator API key is required", None
+        )
+        response.headers["www-authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(ProtocolError)
     async def malformed(_: Request, exc: ProtocolError) -> JSONResponse:
@@ -59,15 +95,27 @@ def create_facilitator_app(facilitator: LocalFacilitator) -> FastAPI:
     def supported() -> dict[str, Any]:
         return facilitator.supported()
 
-    @app.post("/verify")
-    async def verify(request: Request) -> dict[str, Any]:
+    @app.post("/verify", response_model=None)
+    async def verify(request: Request) -> dict[str, Any] | JSONResponse:
+        if not _authorized(request):
+            return _unauthorized()
         body = await _json_body(request)
         return await run_in_threadpool(facilitator.verify, body)
 
-    @app.post("/settle")
-    async def settle(request: Request) -> dict[str, Any]:
+    @app.post("/settle", response_model=None)
+    async def settle(request: Request) -> dict[str, Any] | JSONResponse:
+        if not _authorized(request):
+            return _unauthorized()
         body = await _json_body(request)
         return await run_in_threadpool(facilitator.settle, body)
+
+    if metrics:
+
+        @app.get("/metrics")
+        def prometheus() -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

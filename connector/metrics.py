@@ -14,3 +14,13 @@ ACTION_SECONDS = Histogram(
 WEBHOOK_ATTEMPTS = Counter("x402c_webhook_attempts_total", "Webhook delivery attempts", ["outcome"])
 QUEUE_DEPTH = Gauge("x402c_queue_depth", "Tasks waiting in the broker queue", ["queue"])
 PAYMENTS_BY_STATE = Gauge("x402c_payments", "Payments by state (sampled at scrape)", ["state"])
+FACILITATOR_GAS_WEI = Gauge(
+    "x402c_facilitator_gas_wei", "Facilitator signer's native balance (wei)", ["network"]
+)
+FACILITATOR_GAS_LOW = Counter(
+    "x402c_facilitator_gas_low_total", "Gas checks that found the signer below threshold",
+    ["network"],
+)  # fmt: skip
+FACILITATOR_SETTLEMENTS = Counter(
+    "x402c_facilitator_settlements_total", "Facilitator settle outcomes", ["network", "outcome"]
+)

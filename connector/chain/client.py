@@ -16,6 +16,7 @@ import itertools
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,10 @@ from eth_utils.address import to_checksum_address
 
 from connector.chain import abi
 from connector.errors import ExternalServiceError
+from connector.logs import get_logger
 from connector.retry import call_with_retries
+
+log = get_logger(__name__)
 
 
 def _node_message(message: object) -> str:
@@ -163,8 +167,13 @@ class ChainClient:
         poll_interval_s: float = 0.005,
         max_attempts: int = 3,
         transport: httpx.BaseTransport | None = None,
+        fallback_urls: Sequence[str] = (),
     ) -> None:
         self.rpc_url = rpc_url
+        # Failover: when a node stops answering (transport errors after the retries, or 5xx),
+        # the next URL serves, and stays active until it fails in turn.
+        self._urls = [rpc_url, *fallback_urls]
+        self._active = 0
         self.poll_interval_s = poll_interval_s
         self._attempts = max_attempts
         self._http = httpx.Client(
@@ -187,21 +196,51 @@ class ChainClient:
 
     # ------------------------------------------------------------------ JSON-RPC
 
+    @property
+    def active_url(self) -> str:
+        return self._urls[self._active]
+
+    def _post(self, body: Any, what: str) -> httpx.Response:
+        """POST to the active node with bounded retries; fail over to the next URL when it is
+        unreachable or answers 5xx (only while another URL remains to try)."""
+        count = len(self._urls)
+        start = self._active
+        failure: BaseException | None = None
+        for step in range(count):
+            index = (start + step) % count
+            url = self._urls[index]
+
+            def once(url: str = url) -> httpx.Response:
+                return self._http.post(url, json=body)
+
+            try:
+                response = call_with_retries(
+                    once,
+                    retry_on=(httpx.TransportError,),
+                    attempts=self._attempts,
+                    base=0.1,
+                    cap=1.0,
+                )
+            except httpx.TransportError as exc:
+                failure = exc
+                continue
+            if response.status_code >= 500 and step < count - 1:
+                failure = RpcError(f"RPC {what} answered HTTP {response.status_code}")
+                continue
+            if index != self._active:
+                self._active = index
+                log.warning("rpc failover", extra={"rpc_index": index, "rpc_method": what})
+            return response
+        where = f" on all {count} endpoints" if count > 1 else ""
+        raise RpcError(
+            f"RPC {what} unreachable after {self._attempts} attempts{where}: "
+            f"{type(failure).__name__}",
+            rpc_method=what,
+        ) from failure
+
     def rpc(self, method: str, params: list[Any]) -> Any:
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
-
-        def once() -> httpx.Response:
-            return self._http.post(self.rpc_url, json=body)
-
-        try:
-            response = call_with_retries(
-                once, retry_on=(httpx.TransportError,), attempts=self._attempts, base=0.1, cap=1.0
-            )
-        except httpx.TransportError as exc:
-            raise RpcError(
-                f"RPC {method} unreachable after {self._attempts} attempts: {type(exc).__name__}",
-                rpc_method=method,
-            ) from exc
+        response = self._post(body, method)
         if response.status_code != 200:
             raise RpcError(f"RPC {method} answered HTTP {response.status_code}", rpc_method=method)
         try:
@@ -225,15 +264,7 @@ class ChainClient:
             for i, (method, params) in enumerate(calls)
         ]
 
-        def once() -> httpx.Response:
-            return self._http.post(self.rpc_url, json=body)
-
-        try:
-            response = call_with_retries(
-                once, retry_on=(httpx.TransportError,), attempts=self._attempts, base=0.1, cap=1.0
-            )
-        except httpx.TransportError as exc:
-            raise RpcError(f"RPC batch unreachable: {type(exc).__name__}") from exc
+        response = self._post(body, "batch")
         data = response.json()
         if not isinstance(data, list):
             raise RpcError("RPC batch answered a non-list", retryable=False)

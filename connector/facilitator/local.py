@@ -57,6 +57,7 @@ class LocalFacilitator:
         assets: set[str] | None = None,
         receipt_timeout_s: float = 10.0,
         remember: int = 100_000,
+        max_in_flight: int = 64,
     ) -> None:
         self.chain = chain
         self.gas_key = gas_key
@@ -66,6 +67,9 @@ class LocalFacilitator:
         self._remember = remember
         self._lock = threading.Lock()
         self._settlements: OrderedDict[tuple[str, str, str], _Settlement] = OrderedDict()
+        # Bounds the transactions submitted and not yet confirmed: beyond it a settle waits for
+        # a slot instead of piling more pending transactions on the node.
+        self._in_flight = threading.BoundedSemaphore(max_in_flight)
 
     # ------------------------------------------------------------------ parsing
 
@@ -161,6 +165,10 @@ class LocalFacilitator:
         verdict = self._verify_parsed(parsed)
         if not verdict.is_valid:
             return self._failure(parsed, verdict.reason or "invalid")
+        with self._in_flight:
+            return self._submit(parsed, entry)
+
+    def _submit(self, parsed: _Parsed, entry: _Settlement) -> dict[str, Any]:
         auth = parsed.payment.payload.authorization
         tx_hash = self.chain.send_transfer_with_authorization(
             parsed.requirement.asset,
