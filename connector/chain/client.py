@@ -189,6 +189,7 @@ class ChainClient:
         self._gas_lock = threading.Lock()
         self._receipts: _ReceiptWatcher | None = None
         self._domains: dict[str, tuple[str, str]] = {}
+        self.nonce_errors = 0  # node refusals of a locally chosen nonce (should stay 0)
         ChainClient._instances.add(self)
 
     def close(self) -> None:
@@ -395,6 +396,8 @@ class ChainClient:
                 return str(self.rpc("eth_sendRawTransaction", ["0x" + raw.hex()]))
             except RpcError as exc:
                 lowered = exc.detail.lower()
+                if "nonce" in lowered:
+                    self.nonce_errors += 1  # a local allocation the node disagreed with
                 if "nonce" in lowered and attempt < 2:
                     self._nonces.reset(sender)
                     continue

@@ -16,7 +16,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
-from connector.chain.client import ChainClient, RpcError
+from connector.chain.client import ChainClient, Receipt, RpcError
 from connector.logs import get_logger
 from connector.x402 import exact_evm as exact
 from connector.x402 import fields as f
@@ -38,6 +38,7 @@ class _Settlement:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     tx_hash: str | None = None
+    recovering: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ class LocalFacilitator:
             if entry.result is not None and entry.result.get("errorReason") != SETTLEMENT_PENDING:
                 return entry.result
             if entry.tx_hash:
+                # A repeated settle of a pending one: look again, and recover it if the
+                # transaction was dropped or replaced meanwhile.
                 return self._finish(parsed, entry, entry.tx_hash)
             return self._failure(parsed, SETTLEMENT_PENDING)
         try:
@@ -169,8 +172,12 @@ class LocalFacilitator:
             return self._submit(parsed, entry)
 
     def _submit(self, parsed: _Parsed, entry: _Settlement) -> dict[str, Any]:
+        entry.tx_hash = self._send(parsed)
+        return self._finish(parsed, entry, entry.tx_hash)
+
+    def _send(self, parsed: _Parsed) -> str:
         auth = parsed.payment.payload.authorization
-        tx_hash = self.chain.send_transfer_with_authorization(
+        return self.chain.send_transfer_with_authorization(
             parsed.requirement.asset,
             from_=auth.from_,
             to=auth.to,
@@ -181,28 +188,72 @@ class LocalFacilitator:
             signature=parsed.payment.payload.signature,
             gas_key=self.gas_key,
         )
-        entry.tx_hash = tx_hash
-        return self._finish(parsed, entry, tx_hash)
 
-    def _finish(self, parsed: _Parsed, entry: _Settlement, tx_hash: str) -> dict[str, Any]:
+    def _finish(
+        self, parsed: _Parsed, entry: _Settlement, tx_hash: str, *, recover: bool = True
+    ) -> dict[str, Any]:
         try:
             receipt = self.chain.wait_for_receipt(tx_hash, timeout_s=self.receipt_timeout_s)
         except RpcError:
-            # A receipt that never comes usually means a nonce gap (a dropped transaction):
-            # resynchronize so the next settle uses the node's view.
-            self.chain.forget_nonces()
+            if recover:
+                return self._recover(parsed, entry, tx_hash)
             log.warning("settlement pending", extra={"tx_hash": tx_hash})
             return self._failure(parsed, SETTLEMENT_PENDING, tx_hash)
+        return self._outcome(parsed, entry, receipt)
+
+    def _outcome(self, parsed: _Parsed, entry: _Settlement, receipt: Receipt) -> dict[str, Any]:
         if receipt.status != 1:
-            return self._failure(parsed, TRANSACTION_FAILED, tx_hash)
+            return self._failure(parsed, TRANSACTION_FAILED, receipt.tx_hash)
         result = {
             "success": True,
             "payer": parsed.payment.payer,
-            "transaction": tx_hash,
+            "transaction": receipt.tx_hash,
             "network": self._wire_network(parsed),
         }
         entry.result = result
         return result
+
+    def _recover(self, parsed: _Parsed, entry: _Settlement, tx_hash: str) -> dict[str, Any]:
+        """No receipt in time. Still in the node's pool: pending (the outcome is unknown, never
+        a failure). Replaced (the authorization was used by another transaction, ours or
+        anyone's): that transaction is the settlement. Dropped (the node has forgotten it and
+        the authorization is unused): resynchronize the gas key's nonces from the node and
+        submit again; EIP-3009 lets the authorization move money once, so even a resubmission
+        racing a late original cannot pay twice."""
+        auth = parsed.payment.payload.authorization
+        asset = parsed.requirement.asset
+        with entry.recovering:
+            if entry.tx_hash != tx_hash and entry.tx_hash is not None:  # already resubmitted
+                return self._finish(parsed, entry, entry.tx_hash, recover=False)
+            receipt = self.chain.get_receipt(tx_hash)
+            if receipt is not None:
+                return self._outcome(parsed, entry, receipt)
+            if self.chain.authorization_state(asset, auth.from_, auth.nonce):
+                other = self.chain.find_authorization_tx(asset, auth.from_, auth.nonce)
+                receipt = self.chain.get_receipt(other) if other else None
+                if receipt is not None:
+                    log.warning(
+                        "settlement replaced", extra={"tx_hash": tx_hash, "by": receipt.tx_hash}
+                    )
+                    entry.tx_hash = receipt.tx_hash
+                    return self._outcome(parsed, entry, receipt)
+                return self._failure(parsed, SETTLEMENT_PENDING, tx_hash)
+            if self.chain.rpc("eth_getTransactionByHash", [tx_hash]) is not None:
+                # Perhaps queued behind an earlier dropped nonce: the next send resynchronizes
+                # from the node's count and fills such a gap.
+                self.chain.forget_nonces()
+                log.warning("settlement pending", extra={"tx_hash": tx_hash})
+                return self._failure(parsed, SETTLEMENT_PENDING, tx_hash)
+            # Dropped: the gas key's later nonces may be stuck behind the gap; the node's count
+            # is the truth again.
+            self.chain.forget_nonces()
+            verdict = self._verify_parsed(parsed)
+            if not verdict.is_valid:  # e.g. expired meanwhile: nothing moved, definitely
+                return self._failure(parsed, verdict.reason or "invalid")
+            log.warning("settlement dropped; resubmitting", extra={"tx_hash": tx_hash})
+            with self._in_flight:
+                entry.tx_hash = self._send(parsed)
+            return self._finish(parsed, entry, entry.tx_hash, recover=False)
 
 
 __all__ = ["LocalFacilitator", "MalformedPayment"]
