@@ -62,13 +62,12 @@ def run_raw(n: int) -> float:
         hashes = []
         for p in signed:
             a = p.authorization
-            hashes.append(
-                chain.send_transfer_with_authorization(
-                    info.token, from_=a.from_, to=a.to, value=a.value,
-                    valid_after=a.valid_after, valid_before=a.valid_before, nonce=a.nonce,
-                    signature=p.signature, gas_key=accounts[18],
-                )  # fmt: skip
-            )
+            tx = chain.send_transfer_with_authorization(
+                info.token, from_=a.from_, to=a.to, value=a.value,
+                valid_after=a.valid_after, valid_before=a.valid_before, nonce=a.nonce,
+                signature=p.signature, gas_key=accounts[18],
+            )  # fmt: skip
+            hashes.append(tx)
         for h in hashes:
             assert chain.wait_for_receipt(h).status == 1
         return n / (time.perf_counter() - start)

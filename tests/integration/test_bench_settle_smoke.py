@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_settle_smoke_run_writes_its_results(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_settle", ROOT / "bench" / "bench_settle.py")
+    path = ROOT / "bench" / "bench_settle.py"
+    spec = importlib.util.spec_from_file_location("bench_settle", path)
     assert spec and spec.loader
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
