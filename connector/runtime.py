@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 
+from connector.facilitator.auth import CdpJwtAuth, FacilitatorCredentials
 from connector.facilitator.client import FacilitatorClient
 from connector.net.ssrf import OutboundPolicy, Resolver
 from connector.settings import Settings, get_settings
@@ -80,9 +81,12 @@ class Runtime:
             ),
         )
 
-    def facilitator(self, base_url: str, api_key: str | None) -> FacilitatorClient:
-        # Keyed by a hash of the API key so the cache key itself holds no secret.
-        digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+    def facilitator(self, base_url: str, api_key: FacilitatorCredentials) -> FacilitatorClient:
+        # Keyed by a hash of the credentials so the cache key itself holds no secret.
+        if isinstance(api_key, CdpJwtAuth):
+            digest = api_key.fingerprint
+        else:
+            digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
         client: FacilitatorClient = self._cached(
             ("facilitator", base_url, digest),
             lambda: FacilitatorClient(

@@ -6,8 +6,9 @@ import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from connector.errors import ValidationFailed
 from connector.policy.rules import SpendingPolicy
 from connector.x402.errors import UnknownNetwork
 from connector.x402.networks import to_caip2
@@ -76,7 +77,15 @@ class ConnectionCreate(_Base):
     rpc_url: str = Field(max_length=2048)
     facilitator_url: str = Field(max_length=2048)
     asset: str | None = Field(default=None, description="Default token; default: network USDC.")
-    api_key: SecretStr | None = Field(default=None, max_length=512, description="Write-only.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        max_length=4096,
+        description="Write-only. Without `api_key_id`: a static bearer key. With it: the secret "
+        "(PEM EC or base64 Ed25519) that signs a JWT per request, as CDP's facilitator expects.",
+    )
+    api_key_id: str | None = Field(
+        default=None, max_length=256, description="Key id for per-request JWT auth (CDP-style)."
+    )
     webhook_url: str | None = Field(default=None, max_length=2048)
     webhook_secret: SecretStr | None = Field(
         default=None, description="Write-only; generated (and shown once) when omitted."
@@ -94,6 +103,23 @@ class ConnectionCreate(_Base):
     capture_default: Literal["automatic", "manual"] = "automatic"
     policy: SpendingPolicy = Field(default_factory=SpendingPolicy)
 
+    @model_validator(mode="after")
+    def _jwt(self) -> ConnectionCreate:
+        if self.api_key_id and self.api_key is None:
+            raise ValueError("api_key_id needs api_key (the JWT signing secret)")
+        try:
+            _check_jwt_secret(self.api_key_id, self.api_key)
+        except ValidationFailed as exc:
+            raise ValueError(exc.detail) from exc
+        return self
+
+
+def _check_jwt_secret(key_id: str | None, secret: SecretStr | None) -> None:
+    if key_id and secret is not None:
+        from connector.facilitator.auth import parse_cdp_secret
+
+        parse_cdp_secret(secret.get_secret_value())  # a ValidationFailed names the problem
+
 
 class ConnectionUpdate(_Base):
     name: str | None = Field(default=None, min_length=1, max_length=120)
@@ -101,7 +127,8 @@ class ConnectionUpdate(_Base):
     rpc_url: str | None = Field(default=None, max_length=2048)
     facilitator_url: str | None = Field(default=None, max_length=2048)
     asset: str | None = None
-    api_key: SecretStr | None = Field(default=None, max_length=512)
+    api_key: SecretStr | None = Field(default=None, max_length=4096)
+    api_key_id: str | None = Field(default=None, max_length=256)
     webhook_url: str | None = Field(default=None, max_length=2048)
     pay_to: str | None = None
     capture_default: Literal["automatic", "manual"] | None = None
@@ -118,6 +145,8 @@ class ConnectionView(BaseModel):
     asset: str | None
     has_api_key: bool
     api_key_hint: str | None
+    api_key_id: str | None = None
+    facilitator_auth: Literal["none", "bearer", "jwt"] = "none"
     webhook_url: str | None
     has_webhook_secret: bool
     webhook_secret_rotating_until: str | None

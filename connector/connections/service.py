@@ -28,6 +28,7 @@ from connector.errors import (
     ValidationFailed,
     WalletKeyMissing,
 )
+from connector.facilitator.auth import CdpJwtAuth, FacilitatorCredentials
 from connector.ids import new_id
 from connector.logs import register_secret
 from connector.storage.models.connections import Connection, WalletKey
@@ -61,6 +62,10 @@ def view(conn: Connection) -> ConnectionView:
         asset=conn.asset,
         has_api_key=conn.api_key_token is not None,
         api_key_hint=conn.api_key_hint,
+        api_key_id=conn.api_key_id,
+        facilitator_auth=(
+            "none" if conn.api_key_token is None else "jwt" if conn.api_key_id else "bearer"
+        ),
         webhook_url=conn.webhook_url,
         has_webhook_secret=True,
         webhook_secret_rotating_until=_iso(rotating),
@@ -151,6 +156,7 @@ def create(
         asset=data.asset,
         api_key_token=vault.encrypt(api_key, owner=conn_id, field=API_KEY) if api_key else None,
         api_key_hint=Vault.hint(api_key) if api_key else None,
+        api_key_id=data.api_key_id,
         webhook_url=data.webhook_url,
         webhook_secret_token=vault.encrypt(webhook_secret, owner=conn_id, field=WEBHOOK_SECRET),
         wallet_key_token=(
@@ -197,6 +203,7 @@ class PaymentConnection:
     policy: dict[str, Any]
     wallet_key_token: str | None = dataclasses.field(repr=False)
     api_key_token: str | None = dataclasses.field(repr=False)
+    api_key_id: str | None = None
 
 
 _CONNECTIONS = SQLModel.metadata.tables["connections"]
@@ -289,7 +296,9 @@ def update(
     before = _public(conn)
     changes = data.model_dump(exclude_unset=True)
     vet_urls(check_url, changes)
-    for field in ("name", "network", "rpc_url", "facilitator_url", "asset", "webhook_url"):
+    for field in (
+        "name", "network", "rpc_url", "facilitator_url", "asset", "webhook_url", "api_key_id"
+    ):  # fmt: skip
         if field in changes:
             setattr(conn, field, changes[field])
     if "capture_default" in changes and data.capture_default is not None:
@@ -441,12 +450,14 @@ def signing_account(vault: Vault, conn: _HoldsSecrets) -> Signer:
     return Signer(address=conn.wallet_address, key=bytes.fromhex(key.removeprefix("0x")))
 
 
-def api_key(vault: Vault, conn: _HoldsSecrets) -> str | None:
+def api_key(vault: Vault, conn: _HoldsSecrets) -> FacilitatorCredentials:
+    """The facilitator credentials: None, the bearer key, or JWT auth (key id + secret)."""
     if conn.api_key_token is None:
         return None
     secret = vault.decrypt(conn.api_key_token, owner=conn.id, field=API_KEY)
     register_secret(secret)
-    return secret
+    key_id = getattr(conn, "api_key_id", None)
+    return CdpJwtAuth(key_id, secret) if key_id else secret
 
 
 def webhook_secrets(vault: Vault, conn: Connection, now: datetime | None = None) -> list[str]:

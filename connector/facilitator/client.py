@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from connector.errors import ExternalServiceError
+from connector.facilitator.auth import CdpJwtAuth, FacilitatorCredentials
 from connector.facilitator.transport import Answer, KeepAliveClient, TransportFailure, proxied
 from connector.logs import get_logger
 from connector.net.ssrf import OutboundPolicy
@@ -45,7 +46,7 @@ class FacilitatorClient:
         self,
         base_url: str,
         *,
-        api_key: str | None = None,
+        api_key: FacilitatorCredentials = None,
         timeout_s: float = 15.0,
         max_attempts: int = 3,
         transport: httpx.BaseTransport | None = None,
@@ -54,7 +55,9 @@ class FacilitatorClient:
         self.base_url = base_url.rstrip("/")
         self._guard = guard
         headers = {"accept": "application/json", "user-agent": "x402-connector"}
-        if api_key:
+        # Bearer: one static header. JWT (CDP-style): a fresh signed token per request.
+        self._jwt = api_key if isinstance(api_key, CdpJwtAuth) else None
+        if isinstance(api_key, str) and api_key:
             headers["authorization"] = f"Bearer {api_key}"
         connect_s = min(5.0, timeout_s)
         # The pooled http.client transport unless a test injects an httpx transport or the
@@ -95,15 +98,16 @@ class FacilitatorClient:
         self.close()
 
     def _once(self, method: str, path: str, body: dict[str, Any] | None) -> Answer:
+        auth = self._jwt.headers(method, self.base_url + path) if self._jwt else None
         if self._fast is not None:
             data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-            return self._fast.request(method, path, data)
+            return self._fast.request(method, path, data, auth)
         assert self._http is not None
         if self._guard is not None:
             # A proxy from the environment opens the connection itself (the transport's
             # connect-time check does not see it): check the URL before every request.
             self._guard.check_url(self.base_url + path)
-        response = self._http.request(method, path, json=body)
+        response = self._http.request(method, path, json=body, headers=auth)
         return Answer(response.status_code, response.content[:_MAX_ANSWER])
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -91,19 +91,26 @@ class KeepAliveClient:
         for conn in idle:
             conn.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> Answer:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        """``headers``: extra headers for this request only (a per-request auth token)."""
         conn: http.client.HTTPConnection | None = None
         try:
             conn, reused = self._checkout()
             try:
-                return self._exchange(conn, method, path, body)
+                return self._exchange(conn, method, path, body, headers)
             except _STALE:
                 if not reused:
                     raise
                 conn.close()
                 conn = None
                 conn = self._connect()  # the server closed an idle connection: once more
-                return self._exchange(conn, method, path, body)
+                return self._exchange(conn, method, path, body, headers)
         except (OSError, http.client.HTTPException) as exc:
             if conn is not None:
                 conn.close()
@@ -142,9 +149,14 @@ class KeepAliveClient:
         return conn
 
     def _exchange(
-        self, conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None
+        self,
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        extra: dict[str, str] | None = None,
     ) -> Answer:
-        headers = dict(self._headers)
+        headers = {**self._headers, **(extra or {})}
         if body is not None:
             headers["content-type"] = "application/json"
         # skip_host: our own Host header (with the port as given in the URL).

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector.facilitator.auth import FacilitatorCredentials
 from connector.policy.rules import SpendingPolicy
 from connector.x402.exact_evm import SigningKey
 
@@ -24,7 +25,7 @@ class ConnectionContext:
     capture_default: str
     policy: SpendingPolicy
     _account: Callable[[], SigningKey] = field(repr=False)
-    _api_key: Callable[[], str | None] = field(repr=False)
+    _api_key: Callable[[], FacilitatorCredentials] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
     pay_to: str | None = None  # receiving address when it is not the wallet's
 
@@ -54,5 +55,6 @@ class ConnectionContext:
             )
         return self._account()
 
-    def api_key(self) -> str | None:
+    def api_key(self) -> FacilitatorCredentials:
+        """None, a bearer key, or JWT credentials (see :mod:`connector.facilitator.auth`)."""
         return self._api_key()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from connector.connections import service as connections
+from connector.facilitator.auth import FacilitatorCredentials
 from connector.payments.context import ConnectionContext
 from connector.policy.rules import SpendingPolicy
 from connector.runtime import Runtime
@@ -26,7 +27,7 @@ def load_connection(
     def account() -> SigningKey:
         return connections.signing_account(vault, conn)
 
-    def api_key() -> str | None:
+    def api_key() -> FacilitatorCredentials:
         return connections.api_key(vault, conn)
 
     return ConnectionContext(

@@ -26,6 +26,8 @@ class Connection(SQLModel, table=True):
     asset: str | None = Field(default=None, max_length=42)  # default token; None = network USDC
     api_key_token: str | None = Field(default=None, max_length=4096)
     api_key_hint: str | None = Field(default=None, max_length=16)
+    # Set: the API key is a JWT signing secret for this key id (CDP-style facilitator auth).
+    api_key_id: str | None = Field(default=None, max_length=256)
     webhook_url: str | None = Field(default=None, max_length=2048)
     webhook_secret_token: str = Field(max_length=4096)
     previous_webhook_secret_token: str | None = Field(default=None, max_length=4096)

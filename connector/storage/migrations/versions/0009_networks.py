@@ -1,4 +1,5 @@
-"""receive-only connections (pay_to, optional wallet key); paywall protocol modes
+"""receive-only connections (pay_to, optional wallet key); JWT facilitator auth (api_key_id);
+paywall protocol modes
 
 Revision ID: 0006b_networks
 Revises: 0001_initial
@@ -20,6 +21,9 @@ def upgrade() -> None:
     with op.batch_alter_table("connections", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column("pay_to", sqlmodel.sql.sqltypes.AutoString(length=42), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column("api_key_id", sqlmodel.sql.sqltypes.AutoString(length=256), nullable=True)
         )
         batch_op.alter_column(
             "wallet_key_token",
@@ -63,4 +67,5 @@ def downgrade() -> None:
             existing_type=sqlmodel.sql.sqltypes.AutoString(length=4096),
             nullable=False,
         )
+        batch_op.drop_column("api_key_id")
         batch_op.drop_column("pay_to")
