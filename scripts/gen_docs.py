@@ -93,7 +93,78 @@ def events_page() -> str:
     return "\n".join(out) + "\n"
 
 
-PAGES = {"docs/actions.md": actions_page, "docs/events.md": events_page}
+def networks_page() -> str:
+    from connector.x402.networks import NETWORKS
+
+    out = [
+        "# Networks",
+        "",
+        "The network registry (`connector/x402/networks.py`, this table is generated from it by",
+        "`scripts/gen_docs.py`) lists the EVM networks x402 users pay on: the CAIP-2 id the",
+        "connector stores, the v1 name the v1 wire uses (a chain without one keeps its CAIP-2 id",
+        "there), the chain id, the canonical USDC contract and its EIP-712 domain, the block time",
+        "and the default number of confirmations. Every fact carries its source in a comment in",
+        "the module; the unit test `tests/unit/test_networks.py` checks them against the official",
+        "Python SDK's own tables.",
+        "",
+        "A connection needs only `network` (CAIP-2 or v1 name) and an `rpc_url` (plus its",
+        "`facilitator_url`) to pay and receive USDC: the token, its EIP-712 domain and the v1",
+        "name all come from here. Where no official SDK states the USDC domain (marked *read*),",
+        "the connector reads `name()` and `version()` from the token the first time it needs",
+        "them instead of guessing. Any other `eip155:<chain id>` works too, with `asset` set on",
+        "the connection or the action.",
+        "",
+        "Confirmations are our policy, not a fact: 1 on rollups with a sequencer and on",
+        "fast-finality chains, 2 on Ethereum, 5 on Polygon PoS, 1 on test networks. A",
+        "facilitator operator overrides them per network (`confirmations` in its config).",
+        "",
+        "| network | CAIP-2 | v1 name | chain id | USDC | EIP-712 domain | block time | confirmations |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for net in sorted(NETWORKS.values(), key=lambda n: (n.testnet, n.title)):
+        usdc = net.usdc
+        token = f"`{usdc.address}`" if usdc else "—"
+        if usdc is None:
+            domain = "—"
+        elif usdc.name is None:
+            domain = "*read from the token*"
+        else:
+            domain = f"{usdc.name!r} / {usdc.version!r}"
+        out.append(
+            f"| {net.title}{' (testnet)' if net.testnet else ''} | `{net.caip2}` | "
+            f"{('`' + net.v1_name + '`') if net.v1_name else '—'} | {net.chain_id} | {token} | "
+            f"{domain} | {net.block_time_s:g} s | {net.confirmations} |"
+        )
+    out += [
+        "",
+        "## Adding a network",
+        "",
+        "1. Find the facts in an official source: the chain id; the v1 name only if the x402",
+        "   SDKs define one (never invent v1 names: v1 peers would not recognize them); the",
+        "   USDC (or other EIP-3009 token) address from the issuer; its EIP-712 domain as the",
+        "   SDKs state it or as the deployed contract returns it (`name()`, `version()`).",
+        "2. Add a `Network(...)` line in `connector/x402/networks.py` with a comment naming",
+        "   each source. Leave the domain `None` rather than guess it.",
+        "3. Run `.venv/bin/python scripts/gen_docs.py` (this page) and",
+        "   `.venv/bin/pytest tests/unit/test_networks.py`.",
+        "4. To serve it from `x402c facilitator`, add it to the facilitator's config",
+        "   (see `docs/facilitator.md`).",
+        "",
+        "To try a network offline, run anvil with its chain id and put the dev token at the",
+        "canonical address: `connector.devchain.deploy.setup_token_at(client, address,",
+        "name=..., version=...)` deploys DevUSD with that EIP-712 domain and copies its code",
+        "and storage there with `anvil_setCode` / `anvil_setStorageAt`",
+        "(`tests/e2e/test_named_network.py` does this for Base Sepolia).",
+        "",
+    ]
+    return "\n".join(out)
+
+
+PAGES = {
+    "docs/actions.md": actions_page,
+    "docs/events.md": events_page,
+    "docs/networks.md": networks_page,
+}
 
 if __name__ == "__main__":
     for path, build in PAGES.items():

@@ -19,7 +19,7 @@ only at the v1 wire edge. Every fact below names where it comes from:
   ``SECONDS_PER_SLOT = 12``); OP Stack chains (Base, Optimism): 2 s (docs.optimism.io, "block
   time"; docs.base.org); Arbitrum: 0.25 s (docs.arbitrum.io, "block numbers and time");
   Polygon PoS: ~2 s (docs.polygon.technology); Avalanche C-Chain: ~2 s (docs.avax.network);
-  others: their chain docs, marked "approx.".
+  the other chains: approximate figures from their docs (see that section's note).
 * Default confirmations are OUR policy, not a fact: 1 where a centralized sequencer orders
   blocks (OP Stack, Arbitrum) and on fast-finality chains (Avalanche); 2 on Ethereum (a
   one-block reorg is not rare); 5 on Polygon PoS (its reorgs have been several blocks deep);
@@ -102,6 +102,8 @@ _ALL: list[Network] = [
     Network(11155111, None, "Sepolia", True,
             _usdc("0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238", None, None), 12.0, 1),
     # --- the others the official SDKs list ([py-v1] names, [py-assets]/[ts-legacy] tokens) -----
+    # Block times in this section are approximate figures from the chains' own docs, not
+    # checked on-chain; they only shape default waits, never correctness.
     # Abstract: [ts-legacy] "Bridged USDC" (version "2").
     Network(2741, "abstract", "Abstract", False,
             _usdc("0x84A71ccD554Cc1b02749b35d22F684CC8ec987e1", "Bridged USDC"), 1.0, 1),
