@@ -118,7 +118,8 @@ def networks_page() -> str:
         "fast-finality chains, 2 on Ethereum, 5 on Polygon PoS, 1 on test networks. A",
         "facilitator operator overrides them per network (`confirmations` in its config).",
         "",
-        "| network | CAIP-2 | v1 name | chain id | USDC | EIP-712 domain | block time | confirmations |",
+        "| network | CAIP-2 | v1 name | chain id | USDC | EIP-712 domain | block time "
+        "| confirmations |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for net in sorted(NETWORKS.values(), key=lambda n: (n.testnet, n.title)):
