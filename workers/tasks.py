@@ -78,6 +78,13 @@ def reconcile_payments() -> int:
     return maintenance.reconcile(runtime())
 
 
+@celery_app.task(name="x402c.recheck_settlements")
+def recheck_settlements() -> int:
+    from connector.payments.confirmations import recheck_settlements as recheck
+
+    return recheck(runtime())
+
+
 @celery_app.task(name="x402c.requeue_stale_jobs")
 def requeue_stale_jobs() -> int:
     return maintenance.requeue_stale_jobs(runtime())
@@ -93,6 +100,7 @@ celery_app.conf.beat_schedule = {
     **(celery_app.conf.beat_schedule or {}),
     "expire-holds": {"task": "x402c.expire_holds", "schedule": 15.0},
     "reconcile-payments": {"task": "x402c.reconcile_payments", "schedule": 30.0},
+    "recheck-settlements": {"task": "x402c.recheck_settlements", "schedule": 60.0},
     "requeue-stale-jobs": {"task": "x402c.requeue_stale_jobs", "schedule": 30.0},
     "purge-idempotency-keys": {"task": "x402c.purge_idempotency_keys", "schedule": 3600.0},
 }

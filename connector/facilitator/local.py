@@ -59,6 +59,7 @@ class LocalFacilitator:
         receipt_timeout_s: float = 10.0,
         remember: int = 100_000,
         max_in_flight: int = 64,
+        confirmations: int = 1,
     ) -> None:
         self.chain = chain
         self.gas_key = gas_key
@@ -71,6 +72,9 @@ class LocalFacilitator:
         # Bounds the transactions submitted and not yet confirmed: beyond it a settle waits for
         # a slot instead of piling more pending transactions on the node.
         self._in_flight = threading.BoundedSemaphore(max_in_flight)
+        # Blocks a receipt needs (its own included) before a settle answers success; until then
+        # the answer is settlement_pending with the transaction hash.
+        self.confirmations = max(1, confirmations)
 
     # ------------------------------------------------------------------ parsing
 
@@ -133,6 +137,12 @@ class LocalFacilitator:
         if not owner:
             entry.done.wait(self.receipt_timeout_s + 5)
             if entry.result is not None and entry.result.get("errorReason") != SETTLEMENT_PENDING:
+                done = entry.result.get("transaction")
+                if entry.result.get("success") and done and self.chain.get_receipt(done) is None:
+                    # The remembered settlement's receipt vanished (a reorg): recover it like a
+                    # dropped transaction instead of repeating a success that no longer holds.
+                    entry.result = None
+                    return self._recover(parsed, entry, done)
                 return entry.result
             if entry.tx_hash:
                 # A repeated settle of a pending one: look again, and recover it if the
@@ -204,6 +214,8 @@ class LocalFacilitator:
     def _outcome(self, parsed: _Parsed, entry: _Settlement, receipt: Receipt) -> dict[str, Any]:
         if receipt.status != 1:
             return self._failure(parsed, TRANSACTION_FAILED, receipt.tx_hash)
+        if not self._confirmed(receipt):
+            return self._failure(parsed, SETTLEMENT_PENDING, receipt.tx_hash)
         result = {
             "success": True,
             "payer": parsed.payment.payer,
@@ -212,6 +224,20 @@ class LocalFacilitator:
         }
         entry.result = result
         return result
+
+    def _confirmed(self, receipt: Receipt) -> bool:
+        """Wait (up to the receipt timeout) for the configured confirmations."""
+        if self.confirmations <= 1:
+            return True
+        import time
+
+        deadline = time.monotonic() + self.receipt_timeout_s
+        while True:
+            if self.chain.block_number() - receipt.block_number + 1 >= self.confirmations:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.25, max(0.01, self.receipt_timeout_s / 20)))
 
     def _recover(self, parsed: _Parsed, entry: _Settlement, tx_hash: str) -> dict[str, Any]:
         """No receipt in time. Still in the node's pool: pending (the outcome is unknown, never

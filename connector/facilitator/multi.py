@@ -152,6 +152,7 @@ def _network_facilitator(
         assets=set(net.tokens or []),
         receipt_timeout_s=config.receipt_timeout_s,
         max_in_flight=config.max_in_flight,
+        confirmations=net.required_confirmations,
     )
 
 

@@ -50,7 +50,9 @@ TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
     # (e.g. the resource server rejected it, or a re-check of the budget failed).
     S.AUTHORIZED: frozenset({S.SETTLING, S.VOIDED, S.EXPIRED, S.FAILED}),
     S.SETTLING: frozenset({S.SETTLED, S.FAILED}),
-    S.SETTLED: frozenset({S.REFUNDING, S.RELEASED}),
+    # settled -> settling: the settlement's receipt vanished in a chain reorganization before
+    # it was final; the same authorization is settled again (see payments/confirmations.py).
+    S.SETTLED: frozenset({S.REFUNDING, S.RELEASED, S.SETTLING}),
     # A refund that fails on-chain returns the payment to where it was before the refund began
     # (settled, or partially_refunded for a later partial refund).
     S.REFUNDING: frozenset({S.REFUNDED, S.PARTIALLY_REFUNDED, S.SETTLED}),

@@ -37,6 +37,7 @@ class FakeBaseSepolia:
     client: ChainClient
     facilitator_url: str
     payer: LocalAccount
+    node: Anvil
 
     def balance(self, address: str) -> int:
         return self.client.token_balance(BASE_SEPOLIA_USDC.address, address)
@@ -60,7 +61,7 @@ def base_sepolia(stack: Stack) -> Iterator[FakeBaseSepolia]:
             client, stack.accounts[19], network="eip155:84532", assets={info.token}
         )
         with LiveServer(create_facilitator_app(facilitator)) as server:
-            yield FakeBaseSepolia(info, client, server.url, payer)
+            yield FakeBaseSepolia(info, client, server.url, payer, node)
         client.close()
 
 
@@ -124,3 +125,58 @@ def test_send_and_receive_usdc_on_a_connection_named_only_by_network(
     balance = buyer.run("balance", {})
     assert balance["asset"] == BASE_SEPOLIA_USDC.address
     assert int(balance["balance"]) == start - 251_005
+
+
+def test_a_reorg_that_removes_the_settlement_puts_it_back_to_settling_and_it_settles_once(
+    stack: Stack, admin: Agent, base_sepolia: FakeBaseSepolia
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from connector.payments import maintenance
+    from connector.payments.confirmations import recheck_settlements
+    from connector.payments.driver import drive
+
+    payee = Account.create().address
+    seller_id = _connection(
+        stack, admin, network="base-sepolia", rpc_url=base_sepolia.info.rpc_url,
+        facilitator_url=base_sepolia.facilitator_url, pay_to=payee,
+    )  # fmt: skip
+    buyer_id = _connection(
+        stack, admin, network="base-sepolia", rpc_url=base_sepolia.info.rpc_url,
+        facilitator_url=base_sepolia.facilitator_url,
+        private_key="0x" + base_sepolia.payer.key.hex(),
+    )  # fmt: skip
+    seller = Agent(stack, admin.http, seller_id, Account.create())
+    buyer = Agent(stack, admin.http, buyer_id, base_sepolia.payer)
+    start = base_sepolia.balance(buyer.account.address)
+    request = seller.run("receive", {"amount": "7000"})["payment_request"]
+
+    snapshot = base_sepolia.node.snapshot()
+    paid = buyer.run("send", {"url": request["url"]})
+    assert paid["payment"]["state"] == "settled"
+    assert base_sepolia.balance(payee) == 7000
+
+    base_sepolia.node.revert(snapshot)  # the block with the settlement is gone
+    ChainClient.forget_all_nonces()
+    assert base_sepolia.balance(payee) == 0
+    recheck_settlements(stack.runtime)
+
+    def payments(conn_id: str) -> list[dict[str, object]]:
+        data: list[dict[str, object]] = admin.http.get(
+            "/v1/admin/payments", params={"connection_id": conn_id}
+        ).json()["data"]
+        return data
+
+    incoming = payments(seller_id)[0]
+    assert incoming["state"] == "settling" and "vanished" in str(incoming["failure_reason"])
+    assert payments(buyer_id)[0]["state"] == "settling"
+
+    # The reconciler drives it again with the same authorization: it settles, exactly once.
+    assert drive(stack.runtime, str(incoming["id"])) == "settled"
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    maintenance.reconcile(stack.runtime, now=later)  # the payer's side sees the nonce used
+    assert payments(buyer_id)[0]["state"] == "settled"
+    assert payments(seller_id)[0]["tx_hash"]
+    assert base_sepolia.balance(payee) == 7000
+    assert base_sepolia.balance(buyer.account.address) == start - 7000
+    assert recheck_settlements(stack.runtime) == 0  # the new receipt is there

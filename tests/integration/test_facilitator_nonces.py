@@ -139,3 +139,29 @@ def test_a_settlement_replaced_by_another_submission_is_adopted(
     again = facilitator.settle(body)
     assert again["success"] is True and again["transaction"] == other
     assert client.token_balance(chain.token, payee) == before + 43
+
+
+def test_settlement_waits_for_the_configured_confirmations(
+    chain: DevChainInfo,
+    accounts: list[LocalAccount],
+    requirement_for: Callable[..., Requirement],
+    devchain_node: tuple[Anvil, DevChainInfo],
+) -> None:
+    client = ChainClient(chain.rpc_url)
+    facilitator = LocalFacilitator(
+        client, accounts[17], network=chain.network, assets={chain.token},
+        receipt_timeout_s=0.3, confirmations=3,
+    )  # fmt: skip
+    try:
+        body = _body(accounts[4], requirement_for(accounts[8].address, 5))
+        first = facilitator.settle(body)  # mined in one block: 1 confirmation of 3
+        assert first["success"] is False and first["errorReason"] == SETTLEMENT_PENDING
+        receipt = client.get_receipt(first["transaction"])
+        assert receipt is not None and receipt.status == 1
+        devchain_node[0]._rpc("evm_mine", [])
+        assert facilitator.settle(body)["errorReason"] == SETTLEMENT_PENDING  # 2 of 3
+        devchain_node[0]._rpc("evm_mine", [])
+        done = facilitator.settle(body)
+        assert done["success"] is True and done["transaction"] == first["transaction"]
+    finally:
+        client.close()

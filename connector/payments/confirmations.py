@@ -1,0 +1,107 @@
+"""Watch settlements until they are final: a receipt that disappears puts the payment back.
+
+A settled payment's transaction can be undone by a chain reorganization until it has enough
+confirmations (the network's default from :mod:`connector.x402.networks`, 1 on the dev chain).
+:func:`recheck_settlements` looks at recently settled payments again: while the receipt is
+there it does nothing; when the receipt is gone and the authorization is unused on the chain,
+the payment goes back to ``settling`` (edge ``settled -> settling``), and the reconciler settles
+it again with the very same signed authorization, so the money still moves exactly once. If the
+authorization was used by another transaction meanwhile (re-included elsewhere), that one is
+recorded instead.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlmodel import col
+
+from connector.errors import ConcurrentUpdate, ExternalServiceError, IllegalTransition
+from connector.logs import get_logger
+from connector.payments.machine import transition, update_fields
+from connector.payments.onchain import authorization_used
+from connector.payments.states import PaymentState
+from connector.runtime import Runtime
+from connector.storage.db import UnitOfWork
+from connector.storage.models.payments import Payment
+from connector.x402.networks import default_confirmations, lookup
+
+log = get_logger(__name__)
+S = PaymentState
+
+#: How long after settling a payment is rechecked at least (deep reorgs are rarer than this).
+MIN_WINDOW = timedelta(minutes=10)
+
+
+def finality_window(network: str) -> timedelta:
+    """Recheck for ten times the time its confirmations take, and never less than MIN_WINDOW."""
+    known = lookup(network)
+    block_time = known.block_time_s if known else 2.0
+    return max(MIN_WINDOW, timedelta(seconds=10 * block_time * default_confirmations(network)))
+
+
+def recheck_settlements(rt: Runtime, now: datetime | None = None, limit: int = 500) -> int:
+    """Returns how many settled payments went back to ``settling``."""
+    from connector.payments.context_loader import load_connection
+
+    now = now or datetime.now(UTC)
+    with UnitOfWork(rt.engine) as uow:
+        recent = (
+            uow.session.execute(
+                select(Payment)
+                .where(
+                    col(Payment.state) == S.SETTLED.value,
+                    col(Payment.tx_hash).is_not(None),
+                    col(Payment.updated_at) >= now - MIN_WINDOW * 6,
+                )
+                .order_by(col(Payment.updated_at).desc())
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
+    reverted = 0
+    for payment in recent:
+        if payment.updated_at < now - finality_window(payment.network):
+            continue
+        try:
+            ctx = load_connection(rt, payment.connection_id)
+            chain = rt.chain(ctx.rpc_url)
+            receipt = chain.get_receipt(str(payment.tx_hash))
+            if receipt is not None and receipt.status == 1:
+                continue
+            used = authorization_used(rt, ctx.rpc_url, payment)
+            other = (
+                chain.find_authorization_tx(payment.asset, str(payment.payer), str(payment.nonce))
+                if used
+                else None
+            )
+        except ExternalServiceError:
+            log.warning("recheck: chain unreadable", extra={"payment_id": payment.id})
+            continue  # unknown is not "gone": look again next time
+        try:
+            with UnitOfWork(rt.engine) as uow:
+                current = uow.session.get(Payment, payment.id)
+                if current is None or current.state != S.SETTLED.value:
+                    continue
+                if used and other:
+                    update_fields(uow.session, current, tx_hash=other)  # re-included elsewhere
+                elif not used:
+                    log.warning(
+                        "settlement receipt vanished (chain reorganization)",
+                        extra={"payment_id": current.id, "tx_hash": current.tx_hash},
+                    )
+                    transition(
+                        uow.session,
+                        current,
+                        S.SETTLING,
+                        now=now,
+                        tx_hash=None,
+                        failure_reason=f"receipt of {current.tx_hash} vanished (reorg)",
+                    )
+                    reverted += 1
+                uow.commit()
+        except (ConcurrentUpdate, IllegalTransition):
+            continue
+    return reverted
