@@ -2,7 +2,7 @@
 paywall protocol modes
 
 Revision ID: 0006b_networks
-Revises: 0001_initial
+Revises: 0003_principals
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0006b_networks"
-down_revision: str | None = "0001_initial"
+down_revision: str | None = "0003_principals"  # rebased onto main (was 0001_initial)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
