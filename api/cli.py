@@ -227,7 +227,8 @@ def connections_list() -> None:
         rows, _ = service.list_page(session, limit=200)
         for conn in rows:
             view = service.view(conn)
-            console.print(f"{view.id}  {view.name}  {view.network}  {view.wallet_address}")
+            address = view.wallet_address or view.pay_to  # receive-only: no wallet
+            console.print(f"{view.id}  {view.name}  {view.network}  {address}")
 
 
 @connections_app.command("test")

@@ -233,3 +233,18 @@ def test_a_sealed_signer_key_opens_only_with_the_vault() -> None:
     other = Vault(MasterKeyRing.parse(MasterKeyRing.generate_spec("t2")))
     with pytest.raises(Exception, match="cannot be decrypted"):
         cfg.signer_account(other)
+
+
+def test_config_from_the_environment_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "X402C_FACILITATOR_NETWORKS",
+        '[{"network": "base-sepolia", "rpc_urls": ["http://127.0.0.1:1", "http://127.0.0.1:2"]}]',
+    )
+    monkeypatch.setenv("X402C_FACILITATOR_SIGNER", '{"key_file": "/run/secrets/k"}')
+    monkeypatch.setenv("X402C_FACILITATOR_API_KEYS", f'["{API_KEY}"]')
+    monkeypatch.setenv("X402C_FACILITATOR_PORT", "9999")
+    cfg = load_config(None)
+    assert cfg.port == 9999 and cfg.mode == "production"
+    assert cfg.networks[0].network == "eip155:84532" and len(cfg.networks[0].rpc_urls) == 2
+    assert [k.get_secret_value() for k in cfg.api_keys] == [API_KEY]
+    assert str(cfg.signer.key_file) == "/run/secrets/k"
