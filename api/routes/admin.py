@@ -44,6 +44,14 @@ def create_connection(
     s: Session = Depends(session),
     rt: Runtime = Depends(runtime),
 ) -> ConnectionCreated:
+    if body.facilitator_url is None:
+        default = rt.settings.default_facilitator_url
+        if default is None:
+            raise ValidationFailed(
+                "facilitator_url is required (no X402C_DEFAULT_FACILITATOR_URL is configured)",
+                field="facilitator_url",
+            )
+        body = body.model_copy(update={"facilitator_url": default})
     return connections.create(
         s,
         rt.vault,

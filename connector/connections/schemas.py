@@ -75,7 +75,11 @@ class ConnectionCreate(_Base):
     name: str = Field(min_length=1, max_length=120)
     network: str = Field(max_length=64, description="CAIP-2 (eip155:84532) or v1 name.")
     rpc_url: str = Field(max_length=2048)
-    facilitator_url: str = Field(max_length=2048)
+    facilitator_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Default: the service's X402C_DEFAULT_FACILITATOR_URL, when configured.",
+    )
     asset: str | None = Field(default=None, description="Default token; default: network USDC.")
     api_key: SecretStr | None = Field(
         default=None,

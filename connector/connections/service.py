@@ -138,6 +138,8 @@ def create(
     check_url: URLCheck | None = None,
 ) -> ConnectionCreated:
     vet_urls(check_url, data.model_dump(include=set(URL_FIELDS)))
+    if data.facilitator_url is None:  # the API fills in the configured default first
+        raise ValidationFailed("facilitator_url is required", field="facilitator_url")
     conn_id = new_id("conn")
     now = datetime.now(UTC)
     generated = data.webhook_secret is None

@@ -40,13 +40,14 @@ def receiver(stack: Stack, payee: str, buyer: Agent) -> Agent:
             "name": "receive only",
             "network": stack.chain.network,
             "rpc_url": stack.chain.rpc_url,
-            "facilitator_url": stack.facilitator_url,
+            # no facilitator_url: the service's configured default is used
             "asset": stack.chain.token,
             "pay_to": payee.lower(),  # stored checksummed
         },
     )
     assert response.status_code == 201, response.text
     view = response.json()
+    assert view["facilitator_url"] == stack.settings.default_facilitator_url
     assert view["has_wallet_key"] is False and view["wallet_address"] is None
     assert view["pay_to"] == payee
     # the agent's `account` is only used for balances: point it at a throwaway key
