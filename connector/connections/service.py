@@ -452,6 +452,26 @@ def signing_account(vault: Vault, conn: _HoldsSecrets) -> Signer:
     return Signer(address=conn.wallet_address, key=bytes.fromhex(key.removeprefix("0x")))
 
 
+def archived_signing_account(
+    engine: Any, vault: Vault, conn_id: str, address: str
+) -> Signer | None:
+    """The key of an earlier wallet of this connection at ``address`` (kept for refunds of
+    money it received), or None."""
+    from connector.storage.db import UnitOfWork
+
+    with UnitOfWork(engine) as uow:
+        wallets = uow.session.execute(
+            select(WalletKey).where(col(WalletKey.connection_id) == conn_id)
+        ).scalars()
+        found = next((w for w in wallets if w.address.lower() == address.lower()), None)
+        if found is None:
+            return None
+        key_id, token, wallet_address = found.id, found.key_token, found.address
+    key = vault.decrypt(token, owner=key_id, field="key")
+    register_secret(key)
+    return Signer(address=wallet_address, key=bytes.fromhex(key.removeprefix("0x")))
+
+
 def api_key(vault: Vault, conn: _HoldsSecrets) -> FacilitatorCredentials:
     """The facilitator credentials: None, the bearer key, or JWT auth (key id + secret)."""
     if conn.api_key_token is None:

@@ -28,6 +28,8 @@ class ConnectionContext:
     _api_key: Callable[[], FacilitatorCredentials] = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
     pay_to: str | None = None  # receiving address when it is not the wallet's
+    # The key of one of this connection's earlier (rotated-out) wallets, by address, if any.
+    _archived: Callable[[str], SigningKey | None] = field(default=lambda _: None, repr=False)
 
     def account(self) -> SigningKey:
         """The wallet's signing key; raises ``WalletKeyMissing`` on a receive-only connection."""
@@ -48,6 +50,9 @@ class ConnectionContext:
         from connector.errors import WalletKeyMissing
 
         if not self.holds_key_for(address):
+            archived = self._archived(address) if address else None
+            if archived is not None:  # money received before a wallet rotation
+                return archived
             raise WalletKeyMissing(
                 f"{why} must be signed by {address}, and this connection holds no key for it",
                 connection_id=self.id,

@@ -27,6 +27,9 @@ def load_connection(
     def account() -> SigningKey:
         return connections.signing_account(vault, conn)
 
+    def archived(address: str) -> SigningKey | None:
+        return connections.archived_signing_account(rt.engine, vault, conn.id, address)
+
     def api_key() -> FacilitatorCredentials:
         return connections.api_key(vault, conn)
 
@@ -42,4 +45,5 @@ def load_connection(
         _api_key=api_key,
         extra={"asset": conn.asset},
         pay_to=conn.pay_to,
+        _archived=archived,
     )

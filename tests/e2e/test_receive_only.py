@@ -169,3 +169,22 @@ def _v1_payment_for(stack: Stack, buyer: Agent, request: dict[str, Any]) -> str:
     )  # fmt: skip
     signed = exact_evm.sign_exact(buyer.account, requirement)
     return encode_b64_json(build_payment_payload(signed.payload, requirement, 1))
+
+
+def test_a_refund_after_a_wallet_rotation_is_signed_by_the_wallet_that_was_paid(
+    stack: Stack, buyer: Agent
+) -> None:
+    seller = make_agent(stack, stack.accounts[11])
+    request = seller.run("receive", {"amount": "900"})["payment_request"]
+    assert buyer.run("send", {"url": request["url"]})["payment"]["state"] == "settled"
+    old_wallet = seller.account.address
+    rotated = seller.http.post(f"/v1/admin/connections/{seller.connection_id}/rotate-wallet")
+    assert rotated.status_code == 200 and rotated.json()["wallet_address"] != old_wallet
+    payment = seller.http.get(
+        "/v1/admin/payments",
+        params={"connection_id": seller.connection_id, "direction": "incoming"},
+    ).json()["data"][0]
+    before = buyer.balance(), balance_of(stack, old_wallet)
+    refund = seller.run("refund", {"payment_id": payment["id"]})
+    assert refund["payment"]["state"] == "refunded"
+    assert (buyer.balance(), balance_of(stack, old_wallet)) == (before[0] + 900, before[1] - 900)
