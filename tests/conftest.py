@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.facilitator",
     "tests.fixtures.api",
     "tests.fixtures.stack",
+    "tests.fixtures.faults",
 ]

@@ -228,3 +228,34 @@ def test_supported_lists_both_versions(
     kinds = {(k["x402Version"], k["network"]) for k in supported["kinds"]}
     assert kinds == {(2, chain.network), (1, "localhost")}
     assert supported["signers"]["eip155:*"] == [accounts[19].address]
+
+
+def test_settle_cache_answers_only_the_identical_payload_and_requirement(
+    chain: DevChainInfo,
+    chain_client: ChainClient,
+    accounts: list[LocalAccount],
+    facilitator_url: str,
+    requirement_for: Callable[..., Requirement],
+) -> None:
+    """Issue 10 item 6: once an authorization settled, a settle with another payTo or amount is
+    verified again (and refused: the nonce is used), never answered with the old transaction."""
+    requirement = requirement_for(accounts[2].address, 300)
+    wire = pay(accounts[1], requirement)
+    with FacilitatorClient(facilitator_url) as client:
+        first = client.settle(wire, requirement.to_v2())
+        assert first["success"]
+        # the identical request again: the same transaction (idempotent settle)
+        assert client.settle(wire, requirement.to_v2())["transaction"] == first["transaction"]
+        for other in (
+            requirement_for(accounts[3].address, 300),  # another payTo
+            requirement_for(accounts[2].address, 299),  # another amount
+        ):
+            again = client.settle(wire, other.to_v2())
+            assert again["success"] is False, again
+            assert again["transaction"] == ""
+            assert again["errorReason"] in (
+                exact.NONCE_USED,
+                exact.RECIPIENT_MISMATCH,
+                exact.VALUE_MISMATCH,
+                "invalid_payment_requirements",
+            )
