@@ -35,6 +35,7 @@ UNSUPPORTED_ASSET = "invalid_exact_evm_asset_mismatch"
 
 @dataclass
 class _Settlement:
+    fingerprint: tuple[Any, ...]  # the payload and requirement this entry answers for
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     tx_hash: str | None = None
@@ -122,15 +123,47 @@ class LocalFacilitator:
 
     # ------------------------------------------------------------------ settle
 
+    @staticmethod
+    def _fingerprint(parsed: _Parsed) -> tuple[Any, ...]:
+        """What a cached answer is valid for: the exact authorization and signature, and the
+        requirement's money fields (scheme, network, asset, amount, payee)."""
+        payload, req = parsed.payment.payload, parsed.requirement
+        a = payload.authorization
+        return (
+            payload.signature,
+            a.from_.lower(),
+            a.to.lower(),
+            a.value,
+            a.valid_after,
+            a.valid_before,
+            a.nonce,
+            req.scheme,
+            req.network,
+            req.asset.lower(),
+            req.amount,
+            req.pay_to.lower(),
+        )
+
     def settle(self, body: Any) -> dict[str, Any]:
         parsed = self._parse(body)
         auth = parsed.payment.payload.authorization
         key = (parsed.requirement.asset.lower(), auth.from_.lower(), auth.nonce)
+        fingerprint = self._fingerprint(parsed)
+        with self._lock:
+            cached = self._settlements.get(key)
+        if cached is not None and cached.fingerprint != fingerprint:
+            # Another request for an authorization we settled or are settling: the cached
+            # answer is not its answer. Verify it on its own: another payee or amount fails
+            # here, and so does the nonce once the first transaction is mined. (A variant that
+            # still verifies carries the same transfer and shares the entry below.)
+            verdict = self._verify_parsed(parsed)
+            if not verdict.is_valid:
+                return self._failure(parsed, verdict.reason or "invalid")
         with self._lock:
             entry = self._settlements.get(key)
             owner = entry is None
             if entry is None:
-                entry = _Settlement()
+                entry = _Settlement(fingerprint)
                 self._settlements[key] = entry
                 while len(self._settlements) > self._remember:
                     self._settlements.popitem(last=False)
