@@ -104,3 +104,15 @@ class ExternalServiceError(ConnectorError):
     def __init__(self, detail: str, retryable: bool = True, **context: Any) -> None:
         super().__init__(detail, retryable=retryable, **context)
         self.retryable = retryable
+
+
+class SettlementPending(ExternalServiceError):
+    """A transfer was (or may have been) submitted and its outcome is not known yet.
+
+    Never a failure: the payment stays in flight with its budget reservation held, and the
+    caller retries later with the same authorization (or the reconciler reads the chain).
+    """
+
+    code = "settlement_pending"
+    status = 503
+    title = "Settlement pending"

@@ -10,16 +10,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions import schemas as s
 from connector.actions.registry import BY_KEY
-from connector.errors import ConnectorError, ExternalServiceError, NotFound
+from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceError, NotFound
 from connector.jobs import ClaimedJob, claim_job, set_job_status
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
@@ -105,6 +106,42 @@ def _send(
         payment, _ = send.execute_send(rt, ctx, payment.id)
     if written:
         return Done(written[0])
+    return _send_output(payment)
+
+
+def report_payment(session: Session, payment: Payment) -> None:
+    """The reconciler settled (or corrected) ``payment``: the finished ``send`` jobs that made it
+    now report its real outcome, in the same transaction as the payment's change."""
+    if payment.state != PaymentState.SETTLED.value:
+        return
+    session.execute(
+        update(Job)
+        .where(
+            col(Job.payment_id) == payment.id,
+            col(Job.action) == "send",
+            col(Job.status).in_(("succeeded", "failed")),
+        )
+        .values(
+            status="succeeded",
+            result=_dump(_send_output(payment)),
+            error=None,
+            updated_at=datetime.now(UTC),
+        )
+    )
+
+
+def _truth_after_race(rt: Runtime, job: ClaimedJob) -> s.SendOutput:
+    """Another worker (the reconciler's ``drive_payment``, a redelivered task) moved this job's
+    payment while this one worked on it: re-read it and report what it really is. Still in
+    flight: the job is retried (the other worker is finishing it)."""
+    with UnitOfWork(rt.engine) as uow:
+        row = uow.session.get(Job, job.id)
+        payment = uow.session.get(Payment, row.payment_id) if row and row.payment_id else None
+    if payment is None or payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
+        raise ExternalServiceError(
+            f"the payment of job {job.id} is being settled by another worker; retrying",
+            payment_id=payment.id if payment else None,
+        )
     return _send_output(payment)
 
 
@@ -263,7 +300,11 @@ def _run(
     try:
         inp = spec.input_model.model_validate(job.input or {})
         if job.action == "send" and ctx is not None:
-            output: Any = _send(rt, ctx, inp, job, claim)
+            try:
+                output: Any = _send(rt, ctx, inp, job, claim)
+            except ConcurrentUpdate:
+                claim.rollback()
+                output = _truth_after_race(rt, job)
         else:
             claim.commit()
             ctx = ctx or load_connection(rt, job.connection_id)

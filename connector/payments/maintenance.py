@@ -16,25 +16,27 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from connector.errors import ConcurrentUpdate, ExternalServiceError, IllegalTransition
 from connector.events.outbox import record_event
 from connector.logs import get_logger
 from connector.payments.machine import transition, update_fields
-from connector.payments.onchain import authorization_used
+from connector.payments.onchain import authorization_used, can_never_move
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.policy import budgets
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
-from connector.storage.models.payments import Payment, Reservation
+from connector.storage.models.payments import Payment, Refund, Reservation
 
 log = get_logger(__name__)
 S = PaymentState
 
 HOLD_WARNING = timedelta(minutes=5)
 SETTLING_GRACE = timedelta(seconds=60)
+#: How long after its deadline a failed payment's authorization is still checked on-chain.
+LATE_WINDOW = timedelta(hours=1)
 APPROVAL_TTL = timedelta(hours=24)
 
 
@@ -107,10 +109,28 @@ def expire_holds(rt: Runtime, now: datetime | None = None) -> int:
 
 
 def reconcile(rt: Runtime, now: datetime | None = None) -> int:
-    """Resolve payments stuck in ``settling`` and release reservations that can no longer move."""
+    """Decide every payment whose outcome is unknown, and correct any that the chain contradicts.
+
+    * ``settling`` payments (no progress for :data:`SETTLING_GRACE`): a used nonce means
+      ``settled``; an unused one that can never move any more means ``failed`` (reservation
+      released); otherwise the payment is driven again with the same authorization.
+    * refunds in flight: likewise, from the refund's own nonce.
+    * ``failed`` payments whose authorization could still have been used (reservation still
+      held, or deadline within :data:`LATE_WINDOW`): a used nonce corrects the payment to
+      ``settled`` with a ``payment.settled_late`` event and counts its reservation again;
+      an unused one past its deadline releases a held reservation.
+    Jobs that already reported such a payment are rewritten to report its real outcome.
+    """
+    now = now or datetime.now(UTC)
+    resolved = _reconcile_settling(rt, now)
+    resolved += _reconcile_refunds(rt, now)
+    resolved += _reconcile_failed(rt, now)
+    return resolved
+
+
+def _reconcile_settling(rt: Runtime, now: datetime) -> int:
     from connector.payments.context_loader import load_connection
 
-    now = now or datetime.now(UTC)
     resolved = 0
     with UnitOfWork(rt.engine) as uow:
         stuck = (
@@ -125,24 +145,11 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
             .scalars()
             .all()
         )
-        held_failed = (
-            uow.session.execute(
-                select(Payment)
-                .join(Reservation, col(Reservation.payment_id) == col(Payment.id))
-                .where(
-                    col(Reservation.status) == "held",
-                    col(Payment.state).in_((S.FAILED.value, S.EXPIRED.value)),
-                    col(Payment.valid_before) <= now,
-                )
-                .limit(500)
-            )
-            .scalars()
-            .all()
-        )
     for payment in stuck:
         try:
             ctx = load_connection(rt, payment.connection_id)
             used = authorization_used(rt, ctx.rpc_url, payment)
+            dead = not used and can_never_move(rt, ctx.rpc_url, payment.valid_before, now)
         except ExternalServiceError:
             log.warning("reconcile: chain unreadable", extra={"payment_id": payment.id})
             continue
@@ -154,7 +161,8 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
                 if used:
                     transition(uow.session, current, S.SETTLED, now=now)
                     budgets.confirm(uow.session, current.id)
-                elif current.valid_before is not None and current.valid_before <= now:
+                    _report_to_jobs(uow.session, current)
+                elif dead:
                     transition(
                         uow.session,
                         current,
@@ -171,27 +179,124 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
                 resolved += 1
         except (ConcurrentUpdate, IllegalTransition):
             continue
-    for payment in held_failed:
+    return resolved
+
+
+def _reconcile_refunds(rt: Runtime, now: datetime) -> int:
+    from connector.payments.context_loader import load_connection
+    from connector.payments.refunds import finish_refund, refund_valid_before
+
+    resolved = 0
+    with UnitOfWork(rt.engine) as uow:
+        stuck = (
+            uow.session.execute(
+                select(Refund)
+                .where(
+                    col(Refund.state).in_(("pending", "settling")),
+                    col(Refund.updated_at) <= now - SETTLING_GRACE,
+                )
+                .limit(500)
+            )
+            .scalars()
+            .all()
+        )
+    for refund in stuck:
+        try:
+            with UnitOfWork(rt.engine) as uow:
+                payment = uow.session.get(Payment, refund.payment_id)
+            if payment is None or refund.nonce is None:
+                continue
+            ctx = load_connection(rt, payment.connection_id)
+            chain = rt.chain(ctx.rpc_url)
+            used = bool(chain.authorization_state(payment.asset, payment.payee, refund.nonce))
+            deadline = refund_valid_before(refund)
+            dead = not used and can_never_move(rt, ctx.rpc_url, deadline, now)
+        except ExternalServiceError:
+            continue
+        if not (used or dead):
+            continue  # the refund job's retry (or the next pass) decides it
+        try:
+            finish_refund(rt, refund.id, succeeded=used, tx_hash=refund.tx_hash, reason="expired")
+            resolved += 1
+        except (ConcurrentUpdate, IllegalTransition):
+            continue
+    return resolved
+
+
+def _reconcile_failed(rt: Runtime, now: datetime) -> int:
+    from connector.payments.context_loader import load_connection
+
+    resolved = 0
+    with UnitOfWork(rt.engine) as uow:
+        held = select(col(Reservation.payment_id)).where(col(Reservation.status) == "held")
+        candidates = (
+            uow.session.execute(
+                select(Payment)
+                .where(
+                    col(Payment.state).in_((S.FAILED.value, S.EXPIRED.value)),
+                    col(Payment.nonce).is_not(None),
+                    col(Payment.id).in_(held) | (col(Payment.valid_before) > now - LATE_WINDOW),
+                )
+                .order_by(col(Payment.updated_at))
+                .limit(500)
+            )
+            .scalars()
+            .all()
+        )
+    for payment in candidates:
         try:
             ctx = load_connection(rt, payment.connection_id)
             used = authorization_used(rt, ctx.rpc_url, payment)
+            dead = not used and can_never_move(rt, ctx.rpc_url, payment.valid_before, now)
         except ExternalServiceError:
             continue
-        with UnitOfWork(rt.engine) as uow:
-            if used:
-                # Money moved after all (a server settled late): the spend is real.
-                budgets.confirm(uow.session, payment.id)
-                record_event(
-                    uow.session,
-                    "payment.settled_late",
-                    payment.connection_id,
-                    {"payment": payment_snapshot(payment)},
-                    payment_id=payment.id,
-                )
-            else:
-                budgets.release(uow.session, payment.id)
-            uow.commit()
+        if not (used or dead):
+            continue
+        try:
+            with UnitOfWork(rt.engine) as uow:
+                current = uow.session.get(Payment, payment.id)
+                if current is None or current.state != payment.state:
+                    continue
+                if used and current.state == S.FAILED.value:
+                    # Money moved after all: the spend is real, the payment is settled.
+                    failed_because = current.failure_reason
+                    transition(
+                        uow.session,
+                        current,
+                        S.SETTLED,
+                        now=now,
+                        failure_code=None,
+                        failure_reason=None,
+                        event_extra={"corrected_from": "failed"},
+                    )
+                    budgets.recount(uow.session, current.id)
+                    record_event(
+                        uow.session,
+                        "payment.settled_late",
+                        current.connection_id,
+                        {
+                            "payment": payment_snapshot(current),
+                            "previous_failure": failed_because,
+                        },
+                        payment_id=current.id,
+                    )
+                    _report_to_jobs(uow.session, current)
+                    log.warning("payment settled late", extra={"payment_id": current.id})
+                    resolved += 1
+                elif used:
+                    budgets.recount(uow.session, current.id)
+                elif not budgets.release(uow.session, current.id):
+                    continue
+                uow.commit()
+        except (ConcurrentUpdate, IllegalTransition):
+            continue
     return resolved
+
+
+def _report_to_jobs(session: Session, payment: Payment) -> None:
+    from connector.actions.service import report_payment
+
+    report_payment(session, payment)
 
 
 def requeue_stale_jobs(

@@ -13,10 +13,11 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
-from connector.errors import Conflict, NotFound, ValidationFailed
+from connector.errors import Conflict, NotFound, SettlementPending, ValidationFailed
 from connector.ids import new_id
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition
+from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
@@ -117,13 +118,72 @@ def settle_refund(rt: Runtime, ctx: ConnectionContext, refund_id: str) -> tuple[
     answer = facilitator.settle(
         refund.signed_payload["payload"], refund.signed_payload["requirement"]
     )
+    tx_hash = str(answer.get("transaction") or "") or None
+    if answer.get("success"):
+        return finish_refund(rt, refund_id, succeeded=True, tx_hash=tx_hash)
+    reason = str(answer.get("errorReason") or "facilitator refused")
+    verdict = outcome(
+        rt,
+        ctx,
+        payment,
+        tx_hash or refund.tx_hash,
+        pending=reason == SETTLEMENT_PENDING,
+        nonce=refund.nonce,
+        signer=payment.payee,
+    )
+    if verdict.unknown:
+        # Submitted, outcome unknown: the refund stays in flight (the payment in ``refunding``,
+        # so no second refund can start); the job retries, the reconciler reads the chain.
+        if verdict.tx_hash and verdict.tx_hash != refund.tx_hash:
+            with UnitOfWork(rt.engine) as uow:
+                row = uow.session.get(Refund, refund_id)
+                if row is not None and row.state == "settling":
+                    row.tx_hash = verdict.tx_hash
+                    row.updated_at = datetime.now(UTC)
+                    uow.session.add(row)
+                    uow.commit()
+        raise SettlementPending(
+            f"refund {refund_id}: {reason}; the outcome is not known yet",
+            payment_id=payment.id,
+            tx_hash=verdict.tx_hash,
+        )
+    return finish_refund(
+        rt, refund_id, succeeded=verdict.settled, tx_hash=verdict.tx_hash, reason=reason
+    )
+
+
+def refund_valid_before(refund: Refund) -> datetime | None:
+    """The deadline of the refund's signed authorization (after it, it can never move)."""
+    try:
+        auth = (refund.signed_payload or {})["payload"]["payload"]["authorization"]
+        return datetime.fromtimestamp(int(auth["validBefore"]), UTC)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def finish_refund(
+    rt: Runtime,
+    refund_id: str,
+    *,
+    succeeded: bool,
+    tx_hash: str | None = None,
+    reason: str | None = None,
+) -> tuple[Refund, Payment]:
+    """Give an in-flight refund its final state and move its payment on, in one transaction.
+
+    Idempotent: a refund that already finished is returned as it is (the job's retry and the
+    reconciler may both get here).
+    """
     with UnitOfWork(rt.engine) as uow:
         refund_row = uow.session.get(Refund, refund_id)
-        payment_row = uow.session.get(Payment, refund.payment_id)
-        assert refund_row is not None and payment_row is not None
-        if answer.get("success"):
+        assert refund_row is not None
+        payment_row = uow.session.get(Payment, refund_row.payment_id)
+        assert payment_row is not None
+        if refund_row.state in ("succeeded", "failed"):
+            return refund_row, payment_row
+        if succeeded:
             refund_row.state = "succeeded"
-            refund_row.tx_hash = str(answer.get("transaction"))
+            refund_row.tx_hash = tx_hash or refund_row.tx_hash
             total = payment_row.refunded_amount + refund_row.amount
             target = S.REFUNDED if total >= payment_row.amount else S.PARTIALLY_REFUNDED
             transition(
@@ -135,7 +195,7 @@ def settle_refund(rt: Runtime, ctx: ConnectionContext, refund_id: str) -> tuple[
             )
         else:
             refund_row.state = "failed"
-            refund_row.failure_reason = str(answer.get("errorReason") or "facilitator refused")
+            refund_row.failure_reason = (reason or "facilitator refused")[:1000]
             back = S.SETTLED if payment_row.refunded_amount == 0 else S.PARTIALLY_REFUNDED
             transition(uow.session, payment_row, back, failure_reason=refund_row.failure_reason)
         refund_row.updated_at = datetime.now(UTC)

@@ -30,6 +30,7 @@ from connector.errors import (
     ConcurrentUpdate,
     ExternalServiceError,
     PolicyRefused,
+    SettlementPending,
     WalletKeyMissing,
 )
 from connector.ids import new_id
@@ -38,7 +39,7 @@ from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
 from connector.payments.http_fetch import Fetched, FetchFailed
 from connector.payments.machine import Step, advance, insert_payment, transition, update_fields
-from connector.payments.onchain import authorization_used
+from connector.payments.onchain import SETTLEMENT_PENDING, authorization_used, outcome
 from connector.payments.states import PaymentState
 from connector.policy import budgets
 from connector.policy.rules import Candidate, check_static_rules, needs_approval
@@ -355,12 +356,20 @@ def _pay_url(
             return current, fetched
     if _authorization_used(rt, ctx, payment):
         return _finish_settled(rt, payment, None, result, on_final), fetched
+    reason = (settlement or {}).get("errorReason") or proto.error_from_body(fetched)
+    submitted = str((settlement or {}).get("transaction") or "") or None
+    if reason == SETTLEMENT_PENDING or submitted:
+        # The server's facilitator submitted a transfer: unknown until the chain says.
+        verdict = outcome(rt, ctx, payment, submitted, pending=True)
+        if verdict.settled:
+            return _finish_settled(rt, payment, verdict.tx_hash, result, on_final), fetched
+        if verdict.unknown:
+            raise _pending(rt, payment, verdict.tx_hash, str(reason))
     if fetched.status >= 500:
         raise ExternalServiceError(
             f"{payment.resource_url} answered HTTP {fetched.status} to the paid request",
             payment_id=payment.id,
         )
-    reason = (settlement or {}).get("errorReason") or proto.error_from_body(fetched)
     return _finish_failed(
         rt,
         payment,
@@ -378,18 +387,47 @@ def _settle_direct(
     assert payment.signed_payload is not None and payment.requirement is not None
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
     answer = facilitator.settle(payment.signed_payload, payment.requirement)
+    tx_hash = str(answer.get("transaction") or "") or None
     if answer.get("success"):
-        tx_hash = str(answer.get("transaction") or "") or None
         return _finish_settled(rt, payment, tx_hash, None, on_final)
-    if _authorization_used(rt, ctx, payment):
-        return _finish_settled(rt, payment, None, None, on_final)
+    reason = str(answer.get("errorReason") or "facilitator refused to settle")
+    verdict = outcome(rt, ctx, payment, tx_hash, pending=reason == SETTLEMENT_PENDING)
+    if verdict.settled:
+        return _finish_settled(rt, payment, verdict.tx_hash, None, on_final)
+    if verdict.unknown:
+        raise _pending(rt, payment, verdict.tx_hash, reason)
+    # Definite: nothing was ever submitted (the facilitator refused before sending), or the
+    # transaction reverted. After a revert the authorization stays valid until its deadline,
+    # so the budget keeps the reservation until then (the reconciler releases it).
     return _finish_failed(
         rt,
         payment,
         "settlement_failed",
-        str(answer.get("errorReason") or "facilitator refused to settle"),
-        definite=True,
+        reason,
+        definite=verdict.tx_hash is None,
         on_final=on_final,
+    )
+
+
+
+def _pending(rt: Runtime, payment: Payment, tx_hash: str | None, reason: str) -> SettlementPending:
+    """Record the submitted transaction on the payment (still ``settling``) and say so."""
+    if tx_hash and tx_hash != payment.tx_hash:
+        with UnitOfWork(rt.engine) as uow:
+            current = uow.session.get(Payment, payment.id)
+            if current is not None and current.state == S.SETTLING.value:
+                try:
+                    update_fields(uow.session, current, tx_hash=tx_hash)
+                    uow.commit()
+                    payment.tx_hash = tx_hash
+                except ConcurrentUpdate:
+                    uow.rollback()
+    log.info("settlement pending", extra={"payment_id": payment.id, "tx_hash": tx_hash})
+    return SettlementPending(
+        f"payment {payment.id}: {reason}; the outcome is not known yet (transaction "
+        f"{tx_hash or 'unknown'}), it is retried with the same authorization",
+        payment_id=payment.id,
+        tx_hash=tx_hash,
     )
 
 

@@ -59,14 +59,22 @@ TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
     S.PARTIALLY_REFUNDED: frozenset({S.REFUNDING}),
     S.RELEASED: frozenset(),
     S.REFUNDED: frozenset(),
-    S.FAILED: frozenset(),
+    # failed -> settled: a correction, taken only by the reconciler on on-chain evidence (the
+    # authorization's nonce is used: a transfer thought failed was mined after all).
+    S.FAILED: frozenset({S.SETTLED}),
     S.REJECTED: frozenset(),
     S.VOIDED: frozenset(),
     S.EXPIRED: frozenset(),
     S.SIMULATED: frozenset(),
 }
 
-TERMINAL: frozenset[PaymentState] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+#: Edges that correct a final state from on-chain evidence; no request can take them.
+CORRECTIONS: frozenset[tuple[PaymentState, PaymentState]] = frozenset({(S.FAILED, S.SETTLED)})
+
+#: Final states: nothing but a correction from the chain (see CORRECTIONS) leaves them.
+TERMINAL: frozenset[PaymentState] = frozenset(
+    s for s, nxt in TRANSITIONS.items() if all((s, t) in CORRECTIONS for t in nxt)
+)
 
 #: States in which money may still move for this payment; reconciliation watches these.
 IN_FLIGHT: frozenset[PaymentState] = frozenset({S.SETTLING, S.REFUNDING})

@@ -188,3 +188,11 @@ def confirm(session: Session, payment_id: str) -> bool:
 def release(session: Session, payment_id: str) -> bool:
     """The payment definitely failed (nothing can move): give the money back to the budget."""
     return _set_status(session, payment_id, "released", "held")
+
+
+def recount(session: Session, payment_id: str) -> bool:
+    """A payment given up as failed turned out paid: its money counts again, whatever the
+    reservation's status was (held, or already released)."""
+    return _set_status(session, payment_id, "confirmed", "held") or _set_status(
+        session, payment_id, "confirmed", "released"
+    )

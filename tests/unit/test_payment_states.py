@@ -2,6 +2,7 @@ import pytest
 
 from connector.errors import IllegalTransition
 from connector.payments.states import (
+    CORRECTIONS,
     EVENT_FOR_STATE,
     TERMINAL,
     TRANSITIONS,
@@ -32,7 +33,9 @@ def test_terminal_states_have_no_exit() -> None:
     } == TERMINAL
     for state in TERMINAL:
         for target in PaymentState:
-            assert not can_transition(state, target)
+            # only the reconciler's correction from on-chain evidence leaves a final state
+            assert can_transition(state, target) == ((state, target) in CORRECTIONS)
+    assert CORRECTIONS == {(S.FAILED, S.SETTLED)}
 
 
 @pytest.mark.parametrize(
