@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import connector.payments.protocol as proto
-from connector.errors import Conflict, NotFound
+from connector.errors import Conflict, NotFound, SettlementPending
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
+from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.receive import settle_incoming
 from connector.payments.states import PaymentState, check_transition
 from connector.policy import budgets
@@ -55,11 +56,11 @@ def release(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
                 uow.session, current, S.SETTLING, settle_attempts=current.settle_attempts + 1
             )
             uow.commit()
-        payment = settle_incoming(rt, ctx, payment_id)
+        payment = _captured(rt, ctx, payment_id)
         if not payment.custodial or payment.state != S.SETTLED.value:
             return payment
     if payment.state == S.SETTLING.value:
-        payment = settle_incoming(rt, ctx, payment_id)
+        payment = _captured(rt, ctx, payment_id)
         if not payment.custodial or payment.state != S.SETTLED.value:
             return payment
     if payment.state == S.SETTLED.value and payment.custodial:
@@ -67,6 +68,15 @@ def release(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
     # Anything else: let the state machine explain why (409 illegal_transition).
     check_transition(payment.id, payment.state, S.RELEASED)
     raise Conflict(f"payment {payment_id} is not custodial; it was captured already")
+
+
+def _captured(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+    payment = settle_incoming(rt, ctx, payment_id)
+    if payment.state == S.SETTLING.value:  # submitted, not mined yet: retried, never failed
+        raise SettlementPending(
+            f"capture of {payment_id} is pending on-chain", payment_id=payment_id
+        )
+    return payment
 
 
 def _forward_to_beneficiary(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
@@ -96,17 +106,34 @@ def _forward_to_beneficiary(rt: Runtime, ctx: ConnectionContext, payment: Paymen
     answer = facilitator.settle(
         payment.release_payload["payload"], payment.release_payload["requirement"]
     )
+    tx_hash = str(answer.get("transaction") or "") or None
     if not answer.get("success"):
-        raise Conflict(
-            f"escrow release of {payment.id} failed: {answer.get('errorReason')}",
-            payment_id=payment.id,
+        reason = str(answer.get("errorReason") or "facilitator refused")
+        auth = payment.release_payload["payload"].get("payload", {}).get("authorization", {})
+        verdict = outcome(
+            rt,
+            ctx,
+            payment,
+            tx_hash,
+            pending=reason == SETTLEMENT_PENDING,
+            nonce=str(auth.get("nonce") or ""),
+            signer=str(auth.get("from") or ctx.wallet_address),
         )
+        if verdict.unknown:
+            raise SettlementPending(
+                f"escrow release of {payment.id}: {reason}; the outcome is not known yet",
+                payment_id=payment.id,
+                tx_hash=verdict.tx_hash,
+            )
+        if not verdict.settled:
+            raise Conflict(
+                f"escrow release of {payment.id} failed: {reason}", payment_id=payment.id
+            )
+        tx_hash = verdict.tx_hash
     with UnitOfWork(rt.engine) as uow:
         current = uow.session.get(Payment, payment.id)
         assert current is not None
         if current.state == S.SETTLED.value:
-            transition(
-                uow.session, current, S.RELEASED, release_tx_hash=str(answer.get("transaction"))
-            )
+            transition(uow.session, current, S.RELEASED, release_tx_hash=tx_hash)
             uow.commit()
         return current

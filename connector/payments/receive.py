@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -27,7 +27,8 @@ from connector.errors import ConnectorError, NotFound, WalletKeyMissing
 from connector.ids import new_id
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
-from connector.payments.machine import insert_payment, transition
+from connector.payments.machine import insert_payment, transition, update_fields
+from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
@@ -175,8 +176,6 @@ def handle_paywall(
         if closed:
             return PaywallAnswer(410, body={"error": closed})
         return _payment_required(rt, request, None)
-    if closed:
-        return _payment_required(rt, request, closed)
     requirement = _requirement(rt, request)
     if request.protocols != "both" and request.protocols != f"v{incoming.version}":
         offered = f"x402 version {incoming.version} is not offered here ({request.protocols})"
@@ -184,7 +183,10 @@ def handle_paywall(
     try:
         payload = proto.check_incoming(incoming, requirement)
     except ConnectorError as exc:
-        return _payment_required(rt, request, exc.detail)
+        return _payment_required(rt, request, closed or exc.detail)
+    if closed:
+        # A single-use request paid by this very authorization: the payer is retrying.
+        return _replayed(rt, ctx, request, payload) or _payment_required(rt, request, closed)
 
     wire_requirement = proto.requirement_to_wire(requirement, payload.version)
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
@@ -203,7 +205,9 @@ def handle_paywall(
             .values(paid_count=col(PaymentRequest.paid_count) + 1)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            return _payment_required(rt, request, "payment request already paid")
+            uow.rollback()
+            replay = _replayed(rt, ctx, request, payload)
+            return replay or _payment_required(rt, request, "payment request already paid")
         payment = Payment(
             id=new_id("pay"),
             connection_id=ctx.id,
@@ -230,6 +234,9 @@ def handle_paywall(
             insert_payment(uow.session, payment, now=now)
         except IntegrityError:
             uow.rollback()
+            replay = _replayed(rt, ctx, request, payload)
+            if replay is not None:
+                return replay
             return _payment_required(rt, request, "this authorization was already used")
         hold_until = None
         if request.capture == "manual":
@@ -252,9 +259,40 @@ def handle_paywall(
         )
         return answer
 
-    settled = settle_incoming(rt, ctx, payment.id)
-    if settled.state != S.SETTLED.value:
-        _give_back_slot(rt, request.id)
+    return _answer_settled(rt, ctx, request, payment.id, payload.payer, give_back=True)
+
+
+def _answer_settled(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    request: PaymentRequest,
+    payment_id: str,
+    payer: str,
+    *,
+    give_back: bool,
+) -> PaywallAnswer:
+    """Settle (or re-check) the payment and answer: delivered, pending (503, retry with the same
+    payment), or refused (402, the slot given back when this call claimed it)."""
+    settled = settle_incoming(rt, ctx, payment_id)
+    if settled.state == S.SETTLING.value:
+        # Submitted, not mined yet: neither paid nor refused. The payer retries with the very
+        # same payment header and gets the resource once the chain has it (nothing moves twice).
+        body = {"error": SETTLEMENT_PENDING, "payment_id": settled.id}
+        headers = proto.settlement_headers(
+            settled.x402_version or 2,
+            {
+                "success": False,
+                "errorReason": SETTLEMENT_PENDING,
+                "transaction": settled.tx_hash or "",
+                "network": request.network,
+                "payer": payer,
+            },
+        )
+        headers["retry-after"] = "2"
+        return PaywallAnswer(503, headers, body, payment_id=settled.id)
+    if settled.state not in (S.SETTLED.value, S.REFUNDING.value, S.PARTIALLY_REFUNDED.value):
+        if give_back and settled.state == S.FAILED.value:
+            _give_back_slot(rt, request.id)
         return _payment_required(rt, request, settled.failure_reason or "settlement failed")
     return _deliver(
         request,
@@ -263,9 +301,28 @@ def handle_paywall(
             "success": True,
             "transaction": settled.tx_hash or "",
             "network": request.network,
-            "payer": payload.payer,
+            "payer": payer,
         },
     )
+
+
+def _replayed(
+    rt: Runtime, ctx: ConnectionContext, request: PaymentRequest, payload: proto.Incoming
+) -> PaywallAnswer | None:
+    """The same authorization presented again (a payer retrying after a pending answer or a lost
+    response): answer from the payment it already made, never a second one."""
+    with UnitOfWork(rt.engine) as uow:
+        found = uow.session.execute(
+            select(Payment).where(
+                col(Payment.direction) == "incoming",
+                col(Payment.payment_request_id) == request.id,
+                col(Payment.payer) == payload.payer,
+                col(Payment.nonce) == payload.nonce,
+            )
+        ).scalar_one_or_none()
+    if not isinstance(found, Payment):
+        return None
+    return _answer_settled(rt, ctx, request, found.id, payload.payer, give_back=False)
 
 
 def _deliver(
@@ -290,7 +347,11 @@ def _give_back_slot(rt: Runtime, request_id: str) -> None:
 
 
 def settle_incoming(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
-    """Settle an incoming payment that is in ``settling`` (automatic capture or release)."""
+    """Settle an incoming payment that is in ``settling`` (automatic capture or release).
+
+    Returns the payment still in ``settling`` (with the submitted transaction recorded) when the
+    outcome is unknown: a submitted transfer is never reported as failed.
+    """
     with UnitOfWork(rt.engine) as uow:
         payment = uow.session.get(Payment, payment_id)
         if payment is None:
@@ -300,20 +361,30 @@ def settle_incoming(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Pay
     assert payment.signed_payload is not None and payment.requirement is not None
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
     answer = facilitator.settle(payment.signed_payload, payment.requirement)
+    tx_hash = str(answer.get("transaction") or "") or None
+    reason = str(answer.get("errorReason") or "facilitator refused")
+    settled = bool(answer.get("success"))
+    unknown = False
+    if not settled:
+        verdict = outcome(rt, ctx, payment, tx_hash, pending=reason == SETTLEMENT_PENDING)
+        settled, unknown, tx_hash = verdict.settled, verdict.unknown, verdict.tx_hash
     with UnitOfWork(rt.engine) as uow:
         current = uow.session.get(Payment, payment_id)
         assert current is not None
         if current.state != S.SETTLING.value:
             return current
-        if answer.get("success"):
-            transition(uow.session, current, S.SETTLED, tx_hash=str(answer.get("transaction")))
+        if settled:
+            transition(uow.session, current, S.SETTLED, tx_hash=tx_hash or current.tx_hash)
+        elif unknown:
+            if tx_hash and tx_hash != current.tx_hash:
+                update_fields(uow.session, current, tx_hash=tx_hash)
         else:
             transition(
                 uow.session,
                 current,
                 S.FAILED,
                 failure_code="settlement_failed",
-                failure_reason=str(answer.get("errorReason") or "facilitator refused")[:1000],
+                failure_reason=reason[:1000],
             )
         uow.commit()
         return current

@@ -154,7 +154,7 @@ def _paid_incoming(rig: FaultRig, seller: str, payer: LocalAccount, amount: int)
 
     ctx = load_connection(rig.rt, seller)
     request = receive.create_request(
-        rig.rt, ctx, ReceiveInput.model_validate({"amount": str(amount), "max_payments": 5})
+        rig.rt, ctx, ReceiveInput.model_validate({"amount": str(amount)})
     )
     requirement = receive._requirement(rig.rt, request)
     signed = exact.sign_exact(payer, requirement)
