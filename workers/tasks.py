@@ -19,17 +19,33 @@ from connector.logs import get_logger
 from connector.payments import maintenance
 from connector.payments.driver import drive
 from connector.retry import backoff_delay
-from connector.storage.db import transaction
+from connector.storage.db import CONNECTION_ERRORS, transaction
 from workers.celery_app import celery_app
 from workers.runtime import runtime
 
 RETRYABLE = (ExternalServiceError, ConcurrentUpdate)
+
+
+def _countdown_cap() -> float:
+    """The longest wait before a retry. A retried message waits unacknowledged in the worker until
+    its countdown ends, so countdown + run time must stay under the broker's visibility timeout
+    or the message is redelivered while it waits (a duplicate run: safe, but wasted)."""
+    settings = runtime().settings
+    room = settings.broker_visibility_timeout_s - settings.task_time_limit_s - 10
+    return float(max(1, min(300, room)))
 log = get_logger(__name__)
 
 
-def _retry(task: Task, exc: Exception, **ids: str) -> Exception:
-    """Schedule the next attempt and say so in our own log (Celery's INFO lines are off)."""
-    countdown = 1.0 + backoff_delay(task.request.retries, base=2.0, cap=300.0)
+def _retry(task: Task, exc: Exception, *, quick: bool = False, **ids: str) -> Exception:
+    """Schedule the next attempt and say so in our own log (Celery's INFO lines are off).
+
+    ``quick``: a dropped database connection — the work did not commit and a new connection is
+    one pool checkout away, so the retry comes within a second or two, not after beat's sweep.
+    """
+    if quick:
+        countdown = 0.2 + backoff_delay(task.request.retries, base=0.5, cap=5.0)
+    else:
+        countdown = 1.0 + backoff_delay(task.request.retries, base=2.0, cap=_countdown_cap())
     log.warning(
         "task retry scheduled",
         extra={
@@ -56,6 +72,8 @@ def run_job(self: Task, job_id: str) -> str:
         if getattr(exc, "retryable", True):
             raise _retry(self, exc, job_id=job_id) from exc
         raise
+    except CONNECTION_ERRORS as exc:
+        raise _retry(self, exc, quick=True, job_id=job_id) from exc
     return "succeeded" if result is not None else "failed"
 
 
@@ -66,6 +84,8 @@ def drive_payment(self: Task, payment_id: str) -> str:
         return drive(runtime(), payment_id)
     except RETRYABLE as exc:
         raise _retry(self, exc, payment_id=payment_id) from exc
+    except CONNECTION_ERRORS as exc:
+        raise _retry(self, exc, quick=True, payment_id=payment_id) from exc
 
 
 @celery_app.task(name="x402c.expire_holds")

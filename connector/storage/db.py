@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import event, literal, select, table
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 
@@ -137,3 +138,15 @@ def transaction(engine: Engine) -> Iterator[Session]:
     with UnitOfWork(engine) as uow:
         yield uow.session
         uow.commit()
+
+
+#: Errors that mean "the database connection (or the server) went away", not "bad statement".
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` is a lost or refused database connection: the unit of work did not
+    commit, so running it again on a new connection is safe (a blip, not a bug)."""
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
