@@ -11,7 +11,7 @@ from sqlmodel import Session
 from api.ratelimit import FailureLimiter
 from connector import admin_keys
 from connector.runtime import Runtime
-from connector.storage.db import UnitOfWork
+from connector.storage.db import CONNECTION_ERRORS, UnitOfWork
 from connector.storage.models.connections import AdminKey
 
 #: Paths that need no admin key, on purpose. Everything else is authenticated (a test enumerates
@@ -90,19 +90,31 @@ def require(scope: str) -> Callable[..., AdminKey]:
         if not token:
             raise HTTPException(401, "missing bearer API key")
         limit = _AuthLimit(request, rt, token)
-        with UnitOfWork(rt.engine) as uow:
-            key = admin_keys.authenticate(uow.session, token)
-            if key is None:
-                raise limit.failed()
-            if not admin_keys.has_scope(key, scope):
-                raise HTTPException(403, f"this key lacks the {scope!r} scope")
-            key.last_used_at = datetime.now(UTC)
-            uow.session.add(key)
-            uow.commit()
+        for attempt in range(2):
+            try:
+                key = _authenticate(rt, token, scope, limit)
+                break
+            except CONNECTION_ERRORS:
+                # A pooled connection the database dropped: read-and-touch again on a new one.
+                if attempt == 1:
+                    raise
         request.state.actor = key.id
         return key
 
     return dependency
+
+
+def _authenticate(rt: Runtime, token: str, scope: str, limit: _AuthLimit) -> AdminKey:
+    with UnitOfWork(rt.engine) as uow:
+        key = admin_keys.authenticate(uow.session, token)
+        if key is None:
+            raise limit.failed()
+        if not admin_keys.has_scope(key, scope):
+            raise HTTPException(403, f"this key lacks the {scope!r} scope")
+        key.last_used_at = datetime.now(UTC)
+        uow.session.add(key)
+        uow.commit()
+        return key
 
 
 def request_id(request: Request) -> str | None:

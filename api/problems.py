@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from connector.errors import ConnectorError
 from connector.logs import get_logger
+from connector.storage.db import is_connection_error
 
 log = get_logger("api.problems")
 TYPE_BASE = "https://x402c.dev/problems/"
@@ -79,6 +80,19 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if is_connection_error(exc):
+            # The database connection dropped before anything committed (a commit that failed
+            # did not happen): nothing was done, the client may simply retry.
+            log.warning("database unavailable", extra={"path": request.url.path})
+            response = problem_response(
+                503,
+                "database_unavailable",
+                "Database unavailable",
+                "the database connection was lost; nothing was changed, retry the request",
+                request,
+            )
+            response.headers["retry-after"] = "1"
+            return response
         log.error("unhandled error", extra={"path": request.url.path, "error": type(exc).__name__})
         return problem_response(
             500, "internal_error", "Internal error", "an unexpected error occurred", request
