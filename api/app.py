@@ -15,6 +15,7 @@ from sqlmodel import col
 from api.problems import install_problem_handlers
 from api.routes import actions, admin, paywall, webhooks_admin
 from connector import __version__
+from connector.beat import beat_status
 from connector.logs import get_logger
 from connector.metrics import PAYMENTS_BY_STATE, QUEUE_DEPTH
 from connector.runtime import Runtime
@@ -73,7 +74,7 @@ def create_app(
     def health() -> dict[str, Any]:
         with UnitOfWork(rt.engine) as uow:
             uow.session.execute(select(1))
-        return {"status": "ok", "version": __version__}
+        return {"status": "ok", "version": __version__, "beat": beat_status(rt.engine)}
 
     @app.get("/metrics", tags=["ops"])
     def metrics() -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,6 +134,22 @@ def beat() -> None:
 
     _settings()
     celery_app.start(["beat", "--loglevel=INFO"])
+
+
+@app.command("beat-health")
+def beat_health(
+    max_age: Annotated[int, typer.Option(help="Oldest acceptable beat tick, seconds.")] = 120,
+) -> None:
+    """Exit 0 when a beat task ran within --max-age seconds (a health check for beat)."""
+    from connector.beat import last_tick
+    from connector.runtime import Runtime
+
+    rt = Runtime.from_settings(_settings())
+    tick = last_tick(rt.engine)
+    age = None if tick is None else (datetime.now(UTC) - tick).total_seconds()
+    typer.echo(f"last beat tick: {tick.isoformat() if tick else 'never'}")
+    if age is None or age > max_age:
+        raise typer.Exit(1)
 
 
 @app.command()

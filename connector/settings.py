@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     result_backend: str | None = None  # default: same Redis as the broker, or cache+memory://
     task_time_limit_s: int = 120
     task_max_retries: int = 8
-    broker_visibility_timeout_s: int = 3600  # a killed worker's task is redelivered after this
+    # A killed worker's unacknowledged task is redelivered after this many seconds. It must exceed
+    # the task time limit (a running task is redelivered when it passes this); retry countdowns
+    # are capped to fit in what is left (workers/tasks.py).
+    broker_visibility_timeout_s: int = Field(default=180, ge=1)
     broker_restore_interval_s: int = 10  # how often workers sweep for such abandoned tasks
     worker_prefetch: int = 1  # messages a worker thread reserves ahead (late acks keep them safe)
     worker_task_logs: bool = False  # Celery's own "received"/"succeeded" line per task at INFO

@@ -13,6 +13,7 @@ from celery import Task
 # SQLAlchemy models, pydantic schemas) takes over a second to import, which would otherwise land
 # on the first payment every worker runs.
 from connector.actions.service import run_job as run_action
+from connector.beat import record_tick
 from connector.errors import ConcurrentUpdate, ExternalServiceError
 from connector.jobs import purge_expired
 from connector.logs import get_logger
@@ -88,13 +89,19 @@ def drive_payment(self: Task, payment_id: str) -> str:
         raise _retry(self, exc, quick=True, payment_id=payment_id) from exc
 
 
+def _ticked(name: str) -> None:
+    record_tick(runtime().engine, name)
+
+
 @celery_app.task(name="x402c.expire_holds")
 def expire_holds() -> int:
+    _ticked("expire_holds")
     return maintenance.expire_holds(runtime())
 
 
 @celery_app.task(name="x402c.reconcile_payments")
 def reconcile_payments() -> int:
+    _ticked("reconcile_payments")
     return maintenance.reconcile(runtime())
 
 
@@ -107,11 +114,13 @@ def recheck_settlements() -> int:
 
 @celery_app.task(name="x402c.requeue_stale_jobs")
 def requeue_stale_jobs() -> int:
+    _ticked("requeue_stale_jobs")
     return maintenance.requeue_stale_jobs(runtime())
 
 
 @celery_app.task(name="x402c.purge_idempotency_keys")
 def purge_idempotency_keys() -> int:
+    _ticked("purge_idempotency_keys")
     with transaction(runtime().engine) as session:
         return purge_expired(session)
 

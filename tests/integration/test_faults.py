@@ -301,3 +301,34 @@ def test_api_answers_503_with_retry_after_when_the_connection_drops(rig: FaultRi
     assert wait_until(
         lambda: client.get("/v1/admin/connections", headers=auth).status_code == 200, 10
     )
+
+
+# ------------------------------------------------------------- item 10: beat is visible
+
+
+def test_beat_tasks_record_ticks_and_healthz_reports_the_last_one(rig: FaultRig) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from workers import runtime as worker_runtime
+    from workers.tasks import reconcile_payments
+
+    worker_runtime.install(rig.rt)
+    client = TestClient(create_app(runtime=rig.rt))
+    before = client.get("/healthz").json()
+    assert before["beat"] == {"last_tick_at": None, "age_s": None, "ok": False}
+    reconcile_payments.apply()
+    beat = client.get("/healthz").json()["beat"]
+    assert beat["ok"] is True and beat["last_tick_at"] is not None
+    assert datetime.fromisoformat(beat["last_tick_at"]) > datetime.now(UTC) - timedelta(minutes=1)
+
+
+def test_visibility_timeout_defaults_to_minutes_and_exceeds_the_task_time_limit() -> None:
+    from connector.settings import Settings
+    from workers.celery_app import make_celery
+
+    settings = Settings(broker_url="redis://127.0.0.1:6379/15")
+    assert settings.broker_visibility_timeout_s <= 600
+    assert settings.broker_visibility_timeout_s > settings.task_time_limit_s
+    options = make_celery(settings).conf.broker_transport_options
+    assert options["visibility_timeout"] == settings.broker_visibility_timeout_s

@@ -35,7 +35,7 @@ def test_terminal_states_have_no_exit() -> None:
         for target in PaymentState:
             # only the reconciler's correction from on-chain evidence leaves a final state
             assert can_transition(state, target) == ((state, target) in CORRECTIONS)
-    assert CORRECTIONS == {(S.FAILED, S.SETTLED)}
+    assert {(S.FAILED, S.SETTLED)} == CORRECTIONS
 
 
 @pytest.mark.parametrize(

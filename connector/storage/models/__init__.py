@@ -5,4 +5,5 @@ One module per area, so each area's tables evolve in its own file and Alembic re
 
 from connector.storage.models import connections as connections
 from connector.storage.models import events as events
+from connector.storage.models import ops as ops
 from connector.storage.models import payments as payments
