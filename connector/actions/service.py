@@ -318,6 +318,14 @@ def _run(
             raise
         _fail(rt, job.id, problem(exc))
         return None
+    except ConcurrentUpdate as exc:
+        # Lost a race with another worker on the same payment: nothing of this run committed.
+        # Run again from the stored state (a retry), never report it as the action's outcome.
+        claim.rollback()
+        with UnitOfWork(rt.engine) as uow:
+            set_job_status(uow.session, job.id, "queued", error=problem(exc))
+            uow.commit()
+        raise
     except ConnectorError as exc:
         claim.rollback()
         _fail(rt, job.id, problem(exc))

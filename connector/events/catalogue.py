@@ -26,7 +26,7 @@ EVENT_TYPES: dict[str, str] = {
     "payment.refunded": "Everything settled was returned to the payer.",
     "payment.partially_refunded": "Part of the settled amount was returned to the payer.",
     "payment.simulated": "Dry-run: the decision ran and nothing was signed.",
-    "payment.settled_late": "A payment recorded as failed turned out paid on-chain (mined late): it is now settled, its spend counts again.",
+    "payment.settled_late": "A failed payment turned out paid on-chain; it is settled now.",
     "connection.test_succeeded": "A connection test passed every check.",
     "connection.test_failed": "A connection test failed at least one check.",
     "budget.threshold_reached": "Spending crossed the alert ratio of a budget window.",

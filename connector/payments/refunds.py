@@ -13,7 +13,13 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
-from connector.errors import Conflict, NotFound, SettlementPending, ValidationFailed
+from connector.errors import (
+    ConcurrentUpdate,
+    Conflict,
+    NotFound,
+    SettlementPending,
+    ValidationFailed,
+)
 from connector.ids import new_id
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition
@@ -172,8 +178,17 @@ def finish_refund(
     """Give an in-flight refund its final state and move its payment on, in one transaction.
 
     Idempotent: a refund that already finished is returned as it is (the job's retry and the
-    reconciler may both get here).
+    reconciler may both get here; the one that loses the race re-reads and returns the result).
     """
+    try:
+        return _finish_refund(rt, refund_id, succeeded, tx_hash, reason)
+    except ConcurrentUpdate:
+        return _finish_refund(rt, refund_id, succeeded, tx_hash, reason)
+
+
+def _finish_refund(
+    rt: Runtime, refund_id: str, succeeded: bool, tx_hash: str | None, reason: str | None
+) -> tuple[Refund, Payment]:
     with UnitOfWork(rt.engine) as uow:
         refund_row = uow.session.get(Refund, refund_id)
         assert refund_row is not None

@@ -39,7 +39,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import event, select
 
 from connector.actions.service import run_job
-from connector.errors import ExternalServiceError
+from connector.errors import ConcurrentUpdate, ExternalServiceError
 from connector.payments import maintenance
 from connector.payments.driver import drive
 from connector.storage.db import CONNECTION_ERRORS, transaction
@@ -103,6 +103,8 @@ def as_a_task(fn: Any, *args: Any) -> str:
         if not exc.retryable:
             raise
         return "retry"
+    except ConcurrentUpdate:
+        return "retry"  # lost a race: Celery retries it (workers/tasks.py RETRYABLE)
     except CONNECTION_ERRORS:
         return "db"
     except Crash:
