@@ -332,3 +332,42 @@ def test_visibility_timeout_defaults_to_minutes_and_exceeds_the_task_time_limit(
     assert settings.broker_visibility_timeout_s > settings.task_time_limit_s
     options = make_celery(settings).conf.broker_transport_options
     assert options["visibility_timeout"] == settings.broker_visibility_timeout_s
+
+
+def test_escrow_release_on_a_slow_chain_is_pending_not_failed(
+    rig: FaultRig, accounts: list[LocalAccount]
+) -> None:
+    from connector.actions.schemas import ReceiveInput
+    from connector.payments import protocol as proto
+    from connector.payments import receive
+    from connector.payments.context_loader import load_connection
+    from connector.x402 import exact_evm as exact
+    from connector.x402.codec import build_payment_payload
+
+    escrow = rig.connection(accounts[8])
+    beneficiary = accounts[15].address
+    ctx = load_connection(rig.rt, escrow)
+    request = receive.create_request(
+        rig.rt,
+        ctx,
+        ReceiveInput.model_validate(
+            {"amount": "600", "custodial": True, "beneficiary": beneficiary}
+        ),
+    )
+    requirement = receive._requirement(rig.rt, request)
+    wire = build_payment_payload(exact.sign_exact(accounts[4], requirement).payload, requirement, 2)
+    name, value = proto.payment_header(2, wire)
+    paid = receive.handle_paywall(rig.rt, ctx, request.id, {name: value})
+    assert paid.status == 200 and paid.payment_id
+    before = rig.client.token_balance(rig.chain.token, beneficiary)
+    rig.pause_mining()
+    release = rig.job(escrow, "release", {"payment_id": paid.payment_id})
+    status = rig.run(release)
+    assert status not in ("succeeded", "failed"), rig.job_row(release).error
+    assert rig.payment(paid.payment_id).state == "settled"  # not released yet, not failed
+    rig.resume_mining()
+    assert rig.run(release) == "succeeded"
+    payment = rig.payment(paid.payment_id)
+    assert payment.state == "released" and payment.release_tx_hash
+    assert rig.client.token_balance(rig.chain.token, beneficiary) == before + 600
+    assert money_invariants(rig) == []
