@@ -1,7 +1,7 @@
 """beat ticks: when each periodic task last ran (reported by /healthz)
 
 Revision ID: 0002_unknown_outcomes
-Revises: 0001_initial
+Revises: 0003_principals (re-chained after rebasing on main)
 Create Date: 2026-11-28 17:45:00
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 import connector.storage.types
 
 revision: str = "0002_unknown_outcomes"
-down_revision: str | None = "0001_initial"
+down_revision: str | None = "0003_principals"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
