@@ -79,6 +79,7 @@ class Bench:
             "X402C_DATA_DIR": tempfile.mkdtemp(),
             "X402C_BROKER_VISIBILITY_TIMEOUT_S": os.environ.get("X402C_BENCH_VISIBILITY_S", "180"),
             "X402C_FACILITATOR_TIMEOUT_S": "5",
+            "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",  # anvil and the facilitator on loopback
         }
         redis.Redis.from_url(self.env["X402C_BROKER_URL"]).flushdb()
         settings = Settings(
