@@ -24,7 +24,13 @@ from sqlalchemy import event, text
 from connector.payments import maintenance
 from connector.payments.driver import drive
 from connector.storage.db import transaction
-from tests.fixtures.faults import FaultRig, count_events, money_invariants, wait_until
+from tests.fixtures.faults import (
+    FaultRig,
+    count_events,
+    money_invariants,
+    wait_until,
+    worker_runtime_of,
+)
 
 pytestmark = [pytest.mark.chain, pytest.mark.postgres]
 
@@ -258,15 +264,16 @@ def test_task_retries_at_once_when_its_database_connection_drops(
 ) -> None:
     """The connection dies after the money moved, before the payment is recorded settled: the
     task retries within seconds (no wait for beat) and reports the settled payment."""
-    from workers import runtime as worker_runtime
     from workers.tasks import run_job as run_job_task
 
-    worker_runtime.install(rig.rt)
     conn = rig.connection(accounts[6])
     job = rig.job(conn, "send", {"to": accounts[12].address, "amount": "321"})
     dropped: list[int] = []
-    with before_statement(
-        rig, "UPDATE payments", lambda: dropped.append(rig.drop_db_connections()), times=1
+    with (
+        worker_runtime_of(rig),
+        before_statement(
+            rig, "UPDATE payments", lambda: dropped.append(rig.drop_db_connections()), times=1
+        ),
     ):
         # the first payment UPDATE of a direct send is its final one (settled)
         result = run_job_task.apply(args=[job])
@@ -310,14 +317,13 @@ def test_beat_tasks_record_ticks_and_healthz_reports_the_last_one(rig: FaultRig)
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from workers import runtime as worker_runtime
     from workers.tasks import reconcile_payments
 
-    worker_runtime.install(rig.rt)
     client = TestClient(create_app(runtime=rig.rt))
     before = client.get("/healthz").json()
     assert before["beat"] == {"last_tick_at": None, "age_s": None, "ok": False}
-    reconcile_payments.apply()
+    with worker_runtime_of(rig):
+        reconcile_payments.apply()
     beat = client.get("/healthz").json()["beat"]
     assert beat["ok"] is True and beat["last_tick_at"] is not None
     assert datetime.fromisoformat(beat["last_tick_at"]) > datetime.now(UTC) - timedelta(minutes=1)
