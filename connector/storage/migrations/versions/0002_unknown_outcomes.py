@@ -14,7 +14,7 @@ from alembic import op
 import connector.storage.types
 
 revision: str = "0002_unknown_outcomes"
-down_revision: str | None = "0003_principals"
+down_revision: str | None = "0006b_networks"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
