@@ -30,6 +30,7 @@ class Settings(BaseSettings):
 
     # --- storage -------------------------------------------------------------------------
     database_url: str | None = None  # default: sqlite file in data_dir
+    database_password_file: Path | None = None  # password kept out of the URL (Compose secret)
 
     # --- queue ---------------------------------------------------------------------------
     broker_url: str = "memory://"  # production: redis://127.0.0.1:6379/0
@@ -103,6 +104,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        if self.database_url and self.database_password_file is not None:
+            from sqlalchemy.engine import make_url
+
+            password = self.database_password_file.read_text().strip()
+            url = make_url(self.database_url).set(password=password)
+            return url.render_as_string(hide_password=False)
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'x402c.db').as_posix()}"
