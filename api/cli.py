@@ -6,11 +6,13 @@ Exit codes scripts can trust: 0 success, 1 the operation failed, 2 bad usage or 
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +22,7 @@ app = typer.Typer(
     help="x402-connector: let AI agents pay and get paid over x402.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # main() turns user errors into one line; bugs keep a traceback
 )
 admin_key_app = typer.Typer(help="Admin API keys.", no_args_is_help=True)
 connections_app = typer.Typer(help="Connections (customer credentials).", no_args_is_help=True)
@@ -27,8 +30,19 @@ keys_app = typer.Typer(help="Vault master keys.", no_args_is_help=True)
 app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(connections_app, name="connections")
 app.add_typer(keys_app, name="keys")
-console = Console()
-err = Console(stderr=True)
+# Not a terminal (CI logs, pipes): no wrapping at 80 columns, so addresses and keys stay whole.
+console = Console(soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+
+
+# Libraries whose INFO lines are noise between a command's own output (one per HTTP request).
+_QUIET_LOGGERS = ("httpx", "httpcore", "alembic", "celery.backends", "kombu")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and an exit code: what a user error looks like (never a traceback)."""
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _settings() -> Any:
@@ -41,13 +55,31 @@ def _settings() -> Any:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from exc
     configure_logging(settings.log_format, settings.log_level)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return settings
+
+
+def _ensure_schema(rt: Any) -> None:
+    """Embedded (dev) databases are migrated on first use; production ones must be current.
+
+    Production schema changes are a deliberate step (`x402c migrate`, the compose `migrate`
+    service), so there a stale schema is a clear error instead of a silent upgrade.
+    """
+    from connector.storage import migrate
+
+    if rt.settings.mode == "dev":
+        migrate.upgrade(rt.engine)
+    elif not migrate.is_current(rt.engine):
+        _fail("the database schema is not current: run `x402c migrate` first", 2)
 
 
 def _runtime() -> Any:
     from connector.runtime import Runtime
 
-    return Runtime.from_settings(_settings())
+    rt = Runtime.from_settings(_settings())
+    _ensure_schema(rt)
+    return rt
 
 
 @app.command()
@@ -60,27 +92,68 @@ def demo(
     raise typer.Exit(run_demo(data_dir, console))
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT stop the same clean way (chain state saved, anvil stopped).
+
+    SIGINT is set explicitly because a shell starts background jobs with it ignored, and
+    Python then never turns it into KeyboardInterrupt.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(help="API port on 127.0.0.1.")] = 8402,
-    data_dir: Annotated[Path, typer.Option(help="State directory.")] = Path(".x402c/dev"),
+    chain_port: Annotated[
+        int | None, typer.Option(help="anvil port (default: the last one, else 8545).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="State directory (default: X402C_DATA_DIR, .x402c).")
+    ] = None,
 ) -> None:
-    """Run the embedded stack (chain, facilitator, API, worker) until Ctrl-C."""
-    from api.stack import start_stack
+    """Run the embedded stack (chain, facilitator, API, worker) until Ctrl-C or SIGTERM.
 
+    The same data directory as every other command, so `x402c admin-key create` or
+    `x402c connections list` in another shell see this server's database. The chain keeps its
+    state there across restarts, on the same port.
+    """
+    from api.stack import CHAIN_STATE_FILE, start_stack
+    from connector.devchain.anvil import port_is_free
+
+    settings = _settings()
+    data_dir = data_dir or settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    with console.status("starting dev chain, facilitator, API and worker…"):
-        stack = start_stack(data_dir, port=port)
-    console.print(f"API        {stack.api_url}   (docs: {stack.api_url}/docs)")
-    console.print(f"facilitator {stack.facilitator_url}")
-    console.print(f"anvil      {stack.chain.rpc_url}  token {stack.chain.token}")
-    console.print(f"admin key  {stack.admin_key}   (shown once)")
+    if chain_port is None and not (data_dir / CHAIN_STATE_FILE).exists():
+        chain_port = settings.devchain_port
+    if chain_port is not None and not port_is_free("127.0.0.1", chain_port):
+        _fail(f"port {chain_port} on 127.0.0.1 is in use: stop it or pass --chain-port", 2)
+    _stop_on_signals()
     try:
+        with console.status("starting dev chain, facilitator, API and worker…"):
+            stack = start_stack(data_dir, port=port, anvil_port=chain_port, persist=True)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    try:
+        console.print(f"API         {stack.api_url}   (docs: {stack.api_url}/docs)")
+        console.print(f"facilitator {stack.facilitator_url}")
+        console.print(f"anvil       {stack.chain.rpc_url}  token {stack.chain.token}")
+        console.print(f"network     {stack.chain.network}")
+        console.print(f"data dir    {data_dir}")
+        console.print(f"admin key   {stack.admin_key}   (also in {data_dir}/dev-admin.key)")
+        console.print("ready", highlight=False)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         console.print("stopping…")
     finally:
+        # A second signal must not cut the shutdown short (anvil would be orphaned mid-dump).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.close()
 
 
@@ -90,11 +163,31 @@ def serve(
     port: Annotated[int, typer.Option()] = 8402,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ) -> None:
-    """Run the API (production: Redis broker, PostgreSQL, separate workers)."""
+    """Run the API (production: Redis broker, PostgreSQL, separate workers).
+
+    Without a broker (X402C_BROKER_URL unset, the in-memory default) the queue lives in this
+    process, so a worker runs here too; otherwise run `x402c worker` processes next to it.
+    """
     import uvicorn
 
-    _settings()
-    uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="warning")
+    settings = _settings()
+    if not settings.broker_url.startswith("memory"):
+        uvicorn.run("api.asgi:app", host=host, port=port, workers=workers, log_level="warning")
+        return
+    if settings.mode == "production":
+        _fail("production mode needs a broker: set X402C_BROKER_URL=redis://…", 2)
+    if workers != 1:
+        _fail("the in-memory queue lives in one process: use --workers 1 or set a broker", 2)
+    from api.app import create_app
+    from connector.runtime import Runtime
+    from workers.embedded import embedded_worker
+
+    rt = Runtime.from_settings(settings)
+    _ensure_schema(rt)
+    app_ = create_app(settings, runtime=rt)
+    err.print("no broker configured: running an embedded worker in this process")
+    with embedded_worker(rt):
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -113,7 +206,12 @@ def worker(
 
     if pool not in ("threads", "prefork", "solo"):
         raise typer.BadParameter("pool must be threads, prefork or solo", param_hint="--pool")
-    _settings()
+    if _settings().broker_url.startswith("memory"):
+        _fail(
+            "a separate worker cannot see the in-memory queue: set X402C_BROKER_URL=redis://… "
+            "(or use `x402c serve`, which runs a worker in-process without a broker)",
+            2,
+        )
     rt = runtime()
     wire(rt, celery_app)
     if not rt.settings.worker_task_logs:
@@ -155,9 +253,10 @@ def beat_health(
 @app.command()
 def migrate() -> None:
     """Apply database migrations (safe to run repeatedly)."""
+    from connector.runtime import Runtime
     from connector.storage.migrate import upgrade
 
-    rt = _runtime()
+    rt = Runtime.from_settings(_settings())
     upgrade(rt.engine)
     console.print("[green]database is at the newest schema[/]")
 
@@ -217,19 +316,14 @@ def connections_create(
     rt = _runtime()
     try:
         data = ConnectionCreate.model_validate(json.loads(config.read_text()))
-    except (ValidationError, ValueError) as exc:
-        err.print(f"[red]invalid connection:[/] {exc}")
-        raise typer.Exit(2) from exc
-    from connector.errors import ValidationFailed
-
-    try:
-        with transaction(rt.engine) as session:
-            created = service.create(
-                session, rt.vault, data, actor="cli", check_url=rt.outbound().check_url
-            )
-    except ValidationFailed as exc:
-        err.print(f"[red]invalid connection:[/] {exc.detail}")
-        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        _fail(f"invalid connection: {_validation_summary(exc)}", 2)
+    except ValueError as exc:
+        _fail(f"invalid connection: {config} is not JSON ({exc})", 2)
+    with transaction(rt.engine) as session:
+        created = service.create(
+            session, rt.vault, data, actor="cli", check_url=rt.outbound().check_url
+        )
     console.print_json(created.model_dump_json())
 
 
@@ -427,8 +521,48 @@ def facilitator_seal_key(
     console.print(token)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())
+def _validation_summary(exc: Any) -> str:
+    """Pydantic's errors as one line: ``field: message; field: message``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
+        for e in exc.errors()
+    )
+
+
+def _user_error(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code for an error the user can fix, else None."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from connector.errors import ConnectorError, ValidationFailed
+
+    if isinstance(exc, ValidationFailed):
+        where = f" ({exc.field})" if exc.field else ""
+        return f"{exc.detail}{where}", 2
+    if isinstance(exc, ConnectorError):
+        return exc.detail, 1
+    if isinstance(exc, ValidationError):
+        return f"invalid input: {_validation_summary(exc)}", 2
+    if isinstance(exc, OperationalError | ProgrammingError):
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        return f"database: {first}", 1
+    if isinstance(exc, OSError):
+        return str(exc), 1
+    return None
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and an exit code, not a traceback."""
+    try:
+        app(prog_name="x402c")
+    except SystemExit:
+        raise
+    except Exception as exc:
+        known = _user_error(exc)
+        if known is None:
+            raise
+        err.print(f"[red]error:[/] {known[0]}", highlight=False, soft_wrap=True)
+        sys.exit(known[1])
 
 
 if __name__ == "__main__":  # pragma: no cover

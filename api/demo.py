@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,22 +113,27 @@ def fmt(atomic: int) -> str:
 
 def run_demo(data_dir: Path | None = None, console: Console | None = None) -> int:
     console = console or Console()
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="x402c-demo-"))
-    console.rule("[bold]x402-connector demo")
-    console.print(f"data dir: {data_dir}")
-    receiver = Receiver()
-    hook_server = ServerThread(receiver.app(), free_port()).start()
-    with console.status("starting dev chain, facilitator, API and worker…"):
-        stack = start_stack(data_dir)
-    demo = Demo(stack, console)
-    try:
-        return _scenario(demo, receiver, hook_server.url)
-    except DemoFailed as exc:
-        console.print(f"[bold red]✗ demo failed:[/] {exc}")
-        return 1
-    finally:
-        stack.close()
-        hook_server.stop()
+    with ExitStack() as cleanup:
+        if data_dir is None:
+            # A throwaway directory (it holds a master key): removed when the demo ends.
+            data_dir = Path(
+                cleanup.enter_context(tempfile.TemporaryDirectory(prefix="x402c-demo-"))
+            )
+        console.rule("[bold]x402-connector demo")
+        console.print(f"data dir: {data_dir}")
+        receiver = Receiver()
+        hook_server = ServerThread(receiver.app(), free_port()).start()
+        cleanup.callback(hook_server.stop)
+        with console.status("starting dev chain, facilitator, API and worker…"):
+            stack = start_stack(data_dir)
+        cleanup.callback(stack.close)
+        demo = Demo(stack, console)
+        try:
+            return _scenario(demo, receiver, hook_server.url)
+        except DemoFailed as exc:
+            console.print(f"[bold red]✗ demo failed:[/] {exc}")
+            return 1
+    return 1  # pragma: no cover - only reached if the cleanup swallowed an exception
 
 
 def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:

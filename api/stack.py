@@ -21,8 +21,9 @@ from api.app import create_app
 from api.facilitator_app import create_facilitator_app
 from connector import admin_keys
 from connector.chain import ChainClient
-from connector.devchain.anvil import Anvil
+from connector.devchain.anvil import Anvil, port_is_free
 from connector.devchain.deploy import DevChainInfo, dev_accounts, start_devchain
+from connector.errors import ConnectorError
 from connector.facilitator.local import LocalFacilitator
 from connector.runtime import Runtime
 from connector.settings import Settings
@@ -34,6 +35,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class StackError(ConnectorError):
+    """The embedded stack cannot start for a reason the user can fix (one line says which)."""
+
+    code = "stack_error"
+    title = "Embedded stack error"
+
+
+BOOTSTRAP_KEY_FILE = "dev-admin.key"
+CHAIN_STATE_FILE = "anvil-state.json"
+
+
+def bootstrap_admin_key(rt: Runtime, data_dir: Path | None) -> str:
+    """The dev stack's admin key: created once, kept in ``data_dir`` (mode 0600), reused.
+
+    Without a ``data_dir`` (demo, tests) a fresh key is made each time. A saved key that no
+    longer authenticates (database reset, key revoked) is replaced, so there is always exactly
+    one working bootstrap key and restarts do not pile up new ones.
+    """
+    path = data_dir / BOOTSTRAP_KEY_FILE if data_dir is not None else None
+    if path is not None and path.exists():
+        saved = path.read_text().strip()
+        with transaction(rt.engine) as session:
+            if admin_keys.authenticate(session, saved) is not None:
+                return saved
+    with transaction(rt.engine) as session:
+        _, key = admin_keys.create_key(
+            session, name="embedded bootstrap", scopes=["admin"], actor="system"
+        )
+    if path is not None:
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+    return key
 
 
 class ServerThread:
@@ -83,13 +118,27 @@ def start_stack(
     anvil_port: int | None = None,
     worker_concurrency: int = 4,
     extra_settings: dict[str, Any] | None = None,
+    persist: bool = False,
 ) -> Stack:
+    """Start the stack on ``data_dir``.
+
+    ``persist`` (``x402c dev``): the chain keeps its state in ``data_dir`` across restarts and
+    comes back on the same port, and the bootstrap admin key is created once and reused.
+    Otherwise (demo, tests) everything is fresh.
+    """
     from workers.embedded import embedded_worker
 
+    if port is not None and not port_is_free("127.0.0.1", port):
+        raise StackError(
+            f"port {port} on 127.0.0.1 is in use (another `x402c dev`?): stop it or pass --port"
+        )
     exit_stack = ExitStack()
     try:
         node, info = start_devchain(
-            port=anvil_port, state_file=data_dir / "devchain.json", fund_count=19
+            port=anvil_port,
+            state_file=data_dir / "devchain.json",
+            fund_count=19,
+            chain_state=data_dir / CHAIN_STATE_FILE if persist else None,
         )
         exit_stack.callback(node.stop)
         port = port or free_port()
@@ -97,7 +146,7 @@ def start_stack(
         settings = Settings(
             data_dir=data_dir,
             public_base_url=api_url,
-            broker_url="memory://",
+            broker_url="memory://localhost/",
             outbound_allow_loopback=True,
             default_rpc_url=info.rpc_url,
             default_facilitator_url=f"{api_url}/facilitator",
@@ -116,10 +165,7 @@ def start_stack(
         exit_stack.enter_context(embedded_worker(rt, concurrency=worker_concurrency))
         server = ServerThread(app, port).start()
         exit_stack.callback(server.stop)
-        with transaction(rt.engine) as session:
-            _, key = admin_keys.create_key(
-                session, name="embedded bootstrap", scopes=["admin"], actor="system"
-            )
+        key = bootstrap_admin_key(rt, data_dir if persist else None)
         return Stack(
             settings=settings,
             runtime=rt,

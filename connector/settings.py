@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     database_password_file: Path | None = None  # password kept out of the URL (Compose secret)
 
     # --- queue ---------------------------------------------------------------------------
-    broker_url: str = "memory://"  # production: redis://127.0.0.1:6379/0
+    broker_url: str = "memory://localhost/"  # in-process; production: redis://127.0.0.1:6379/0
     result_backend: str | None = None  # default: same Redis as the broker, or cache+memory://
     task_time_limit_s: int = 120
     task_max_retries: int = 8

@@ -53,6 +53,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """True if nothing listens on ``host:port`` (checked by binding, so no traffic is sent).
+
+    SO_REUSEADDR as servers set it: connections of a stopped server lingering in TIME_WAIT do
+    not make its port look busy, a live listener does.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class Anvil:
     def __init__(
         self,
@@ -63,6 +78,7 @@ class Anvil:
         accounts: int = 20,
         binary: Path | None = None,
         state_path: Path | None = None,
+        state_interval_s: int | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host if host != "0.0.0.0" else "127.0.0.1")
@@ -70,6 +86,7 @@ class Anvil:
         self.accounts = accounts
         self.binary = binary
         self.state_path = state_path
+        self.state_interval_s = state_interval_s
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -98,7 +115,16 @@ class Anvil:
             "--silent",
         ]  # fmt: skip
         if self.state_path is not None:
+            # Loads the file if it exists and dumps the chain into it on exit (SIGTERM included);
+            # the interval also bounds what a hard kill loses.
             args += ["--state", str(self.state_path)]
+            if self.state_interval_s:
+                args += ["--state-interval", str(self.state_interval_s)]
+        if not port_is_free(self.host, self.port):
+            raise DevChainError(
+                f"port {self.port} on {self.host} is in use: stop whatever listens there "
+                "or choose another port"
+            )
         self._proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
@@ -120,9 +146,9 @@ class Anvil:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
+        proc.terminate()  # anvil dumps its --state file on SIGTERM, then exits
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=15 if self.state_path is not None else 5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)

@@ -164,9 +164,38 @@ def start_devchain(
     host: str = "127.0.0.1",
     fund_count: int = 10,
     state_file: Path | None = None,
+    chain_state: Path | None = None,
 ) -> tuple[Anvil, DevChainInfo]:
-    """Start anvil, deploy DevUSD and fund the first ``fund_count`` dev accounts."""
-    node = Anvil(host=host, port=port).start()
+    """Start anvil, deploy DevUSD and fund the first ``fund_count`` dev accounts.
+
+    With ``chain_state`` the chain persists: anvil loads and dumps that file, and when both it and
+    ``state_file`` exist from an earlier run the same chain comes back on the same port (unless
+    ``port`` says otherwise) with the token where it was, so nothing is deployed again and stored
+    connections keep working.
+    """
+    if chain_state is not None and state_file is not None and chain_state.exists():
+        if state_file.exists():
+            info = DevChainInfo.from_file(state_file)
+            previous_port = int(info.rpc_url.rsplit(":", 1)[1])
+            node = Anvil(
+                host=host, port=port or previous_port, state_path=chain_state, state_interval_s=5
+            ).start()
+            client = ChainClient(node.rpc_url)
+            try:
+                if client.rpc("eth_getCode", [info.token, "latest"]) not in ("", "0x", None):
+                    info.rpc_url = node.rpc_url
+                    state_file.write_text(info.to_json())
+                    return node, info
+            finally:
+                client.close()
+            node.stop()
+        chain_state.unlink()  # a state without its deployment record: start the chain afresh
+    node = Anvil(
+        host=host,
+        port=port,
+        state_path=chain_state,
+        state_interval_s=5 if chain_state is not None else None,
+    ).start()
     client = ChainClient(node.rpc_url)
     try:
         info = setup_dev_token(client, fund=[a.address for a in dev_accounts(fund_count)])

@@ -27,6 +27,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
+def is_current(engine: Engine) -> bool:
+    """True if the database is at the newest revision (False for an empty database too)."""
+    from alembic.script import ScriptDirectory
+
+    return current_heads(engine) == set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
 def current_heads(engine: Engine) -> set[str]:
     from alembic.runtime.migration import MigrationContext
 
