@@ -296,8 +296,7 @@ def admin_key_create(
                 connections=connection or None,
             )
     except ValidationFailed as exc:
-        err.print(f"[red]{exc.detail}[/]")
-        raise typer.Exit(2) from exc
+        _fail(exc.detail, 2)
     console.print(f"{row.id}  scopes={','.join(row.scopes)}  principal={row.principal}")
     console.print(key)
 
