@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from api.docs_ui import install_docs
 from api.problems import install_problem_handlers
 from api.routes import actions, admin, paywall, webhooks_admin
 from connector import __version__
@@ -37,9 +38,12 @@ def create_app(
         title="x402-connector",
         version=__version__,
         description="Pay and get paid over x402 from workflow-builder action nodes.",
+        docs_url=None,  # served by install_docs from local assets (works offline)
+        redoc_url=None,
     )
     app.state.runtime = rt
     install_problem_handlers(app)
+    install_docs(app)
 
     @app.middleware("http")
     async def request_ids(
