@@ -92,6 +92,23 @@ def demo(
     raise typer.Exit(run_demo(data_dir, console))
 
 
+def _dev_connection_example(stack: Any) -> dict[str, Any]:
+    """A connection body that works on this dev stack as is (docs/quickstart.md uses it).
+
+    The wallet is anvil's dev account 1: a public test key, funded with DevUSD on the dev chain.
+    """
+    return {
+        "name": "Dev agent",
+        "network": stack.chain.network,
+        "rpc_url": stack.chain.rpc_url,
+        "facilitator_url": stack.facilitator_url,
+        "asset": stack.chain.token,
+        "api_key": "local-facilitator-key",
+        "private_key": "0x" + stack.accounts[1].key.hex(),
+        "policy": {"max_per_payment": "5000000", "budget_day": "20000000"},
+    }
+
+
 def _stop_on_signals() -> None:
     """SIGTERM and SIGINT stop the same clean way (chain state saved, anvil stopped).
 
@@ -138,6 +155,8 @@ def dev(
             stack = start_stack(data_dir, port=port, anvil_port=chain_port, persist=True)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    example = data_dir / "dev-connection.json"
+    example.write_text(json.dumps(_dev_connection_example(stack), indent=2) + "\n")
     try:
         console.print(f"API         {stack.api_url}   (docs: {stack.api_url}/docs)")
         console.print(f"facilitator {stack.facilitator_url}")
@@ -145,6 +164,7 @@ def dev(
         console.print(f"network     {stack.chain.network}")
         console.print(f"data dir    {data_dir}")
         console.print(f"admin key   {stack.admin_key}   (also in {data_dir}/dev-admin.key)")
+        console.print(f"connection  example body for this stack in {example}")
         console.print("ready", highlight=False)
         while True:
             time.sleep(3600)

@@ -284,8 +284,8 @@ class Decision(BaseModel):
 @router.post("/payments/{payment_id}/approve")
 def approve_payment(
     payment_id: str,
-    body: Decision,
     request: Request,
+    body: Decision | None = None,  # optional: a bare POST is a decision without a note
     key: AdminKey = ADMIN,
     rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
@@ -294,7 +294,7 @@ def approve_payment(
         payment_id,
         admin_key_id=key.id,
         decision="approve",
-        note=body.note,
+        note=body.note if body is not None else None,
         request_id=request_id(request),
     )
 
@@ -302,8 +302,8 @@ def approve_payment(
 @router.post("/payments/{payment_id}/reject")
 def reject_payment(
     payment_id: str,
-    body: Decision,
     request: Request,
+    body: Decision | None = None,  # optional: a bare POST is a decision without a note
     key: AdminKey = ADMIN,
     rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
@@ -312,6 +312,6 @@ def reject_payment(
         payment_id,
         admin_key_id=key.id,
         decision="reject",
-        note=body.note,
+        note=body.note if body is not None else None,
         request_id=request_id(request),
     )

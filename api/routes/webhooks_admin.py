@@ -103,7 +103,7 @@ def list_subscriptions(
     params: PageParams = Depends(), _: AdminKey = READ, s: Session = Depends(session)
 ) -> dict[str, Any]:
     rows, more = page(s, select(Subscription), Subscription.id, params)
-    return envelope([subscriptions.view(r) for r in rows], more)
+    return envelope([subscriptions.view(r, s) for r in rows], more)
 
 
 class SubscriptionCreate(BaseModel):

@@ -24,12 +24,20 @@ from connector.webhooks.signing import generate_secret
 SECRET, PREVIOUS_SECRET = "secret", "previous_secret"
 
 
-def view(sub: Subscription) -> dict[str, Any]:
+def view(sub: Subscription, session: Session | None = None) -> dict[str, Any]:
+    """The public view; with a ``session``, a default subscription shows its connection's URL
+    (the row itself stores none: the URL is read from the connection at send time)."""
+    url: str | None = sub.url
+    if sub.is_default and session is not None and sub.connection_id:
+        from connector.storage.models.connections import Connection
+
+        conn = session.get(Connection, sub.connection_id)
+        url = conn.webhook_url if conn is not None else None
     return {
         "id": sub.id,
         "object": "subscription",
         "connection_id": sub.connection_id,
-        "url": sub.url,
+        "url": url or None,
         "event_types": sub.event_types,
         "is_default": sub.is_default,
         "status": sub.status,
