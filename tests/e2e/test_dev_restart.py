@@ -45,16 +45,24 @@ def anvil_pids(chain_port: int) -> list[int]:
 
 
 class DevProcess:
-    def __init__(self, data_dir: Path, port: int, chain_port: int) -> None:
+    """``x402c dev`` on ``data_dir``; with ``cwd`` instead, on the default ``.x402c`` there."""
+
+    def __init__(
+        self, data_dir: Path | None, port: int, chain_port: int, cwd: Path | None = None
+    ) -> None:
+        args = ["dev", "--port", str(port), "--chain-port", str(chain_port)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("X402C_")}
+        if data_dir is not None:
+            args += ["--data-dir", str(data_dir)]
+            env["X402C_DATA_DIR"] = str(data_dir)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "dev", "--port", str(port),
-             "--chain-port", str(chain_port), "--data-dir", str(data_dir)],
-            cwd=ROOT,
+            [sys.executable, "-m", "api.cli", *args],
+            cwd=cwd or ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "X402C_DATA_DIR": str(data_dir)},
-        )  # fmt: skip
+            env={**env, "PYTHONPATH": str(ROOT)},
+        )
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()

@@ -209,7 +209,7 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     workdir = tmp_path_factory.mktemp("docs")
     (workdir / ".venv").symlink_to(ROOT / ".venv")
     port = free_port()
-    dev = DevProcess(workdir / ".x402c", port, free_port())
+    dev = DevProcess(None, port, free_port(), cwd=workdir)  # default data dir, as a user runs it
     try:
         dev.wait_ready()
         env = {k: v for k, v in os.environ.items() if not k.startswith("X402C_")}
