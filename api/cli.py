@@ -55,6 +55,13 @@ def _settings() -> Any:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from exc
     configure_logging(settings.log_format, settings.log_level)
+    if settings.mode == "dev":
+        from api.dev_dir import DEV_STACK_OVERRIDES, is_dev_stack_dir
+
+        if is_dev_stack_dir(settings.data_dir):  # same outbound rules as the dev server
+            given = settings.model_fields_set
+            unset = {k: v for k, v in DEV_STACK_OVERRIDES.items() if k not in given}
+            settings = settings.model_copy(update=unset)
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     return settings
@@ -139,7 +146,8 @@ def dev(
     `x402c connections list` in another shell see this server's database. The chain keeps its
     state there across restarts, on the same port.
     """
-    from api.stack import CHAIN_STATE_FILE, start_stack
+    from api.dev_dir import CHAIN_STATE_FILE
+    from api.stack import start_stack
     from connector.devchain.anvil import port_is_free
 
     settings = _settings()
@@ -302,8 +310,7 @@ def admin_key_create(
     from connector.storage.db import transaction
 
     if "actions" in scope and "admin" not in scope and not connection:
-        err.print("[red]an actions key needs --connection ID (repeatable) or --connection '*'[/]")
-        raise typer.Exit(2)
+        _fail("an actions key needs --connection ID (repeatable) or --connection '*'", 2)
     rt = _runtime()
     try:
         with transaction(rt.engine) as session:

@@ -18,6 +18,7 @@ import uvicorn
 from eth_account.signers.local import LocalAccount
 
 from api.app import create_app
+from api.dev_dir import BOOTSTRAP_KEY_FILE, CHAIN_STATE_FILE, DEV_STACK_OVERRIDES
 from api.facilitator_app import create_facilitator_app
 from connector import admin_keys
 from connector.chain import ChainClient
@@ -42,10 +43,6 @@ class StackError(ConnectorError):
 
     code = "stack_error"
     title = "Embedded stack error"
-
-
-BOOTSTRAP_KEY_FILE = "dev-admin.key"
-CHAIN_STATE_FILE = "anvil-state.json"
 
 
 def bootstrap_admin_key(rt: Runtime, data_dir: Path | None) -> str:
@@ -147,7 +144,7 @@ def start_stack(
             data_dir=data_dir,
             public_base_url=api_url,
             broker_url="memory://localhost/",
-            outbound_allow_loopback=True,
+            **DEV_STACK_OVERRIDES,
             default_rpc_url=info.rpc_url,
             default_facilitator_url=f"{api_url}/facilitator",
             **(extra_settings or {}),

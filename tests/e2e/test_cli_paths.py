@@ -82,7 +82,12 @@ def test_serve_without_a_broker_runs_actions(tmp_path: Path, devchain: DevChainI
     server = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port)],
         cwd=tmp_path,
-        env={**clean, "PYTHONPATH": str(ROOT), "X402C_DATA_DIR": str(tmp_path / ".x402c")},
+        env={
+            **clean,
+            "PYTHONPATH": str(ROOT),
+            "X402C_DATA_DIR": str(tmp_path / ".x402c"),
+            "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
