@@ -18,7 +18,13 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$ANVIL_ONLY" = 0 ] && [ ! -f "$stamp" ]; then
   echo "[bootstrap] installing Python dependencies"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  # setuptools prints advisory blocks while building the editable install; keep the output for
+  # a failure and stay quiet on success.
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
