@@ -168,7 +168,7 @@ def test_secrets_are_files_and_reach_only_the_services_that_need_them() -> None:
         assert set(spec) == {"file"}, f"secret {name} must come from a file"
         assert spec["file"].startswith("./secrets/")
     needs_keys = {"api", "worker"}
-    needs_db = {"api", "worker", "migrate", "postgres"}
+    needs_db = {"api", "worker", "migrate", "postgres", "beat"}  # beat-health reads beat_ticks
     for name, service in doc["services"].items():
         assert "env_file" not in service, f"{name}: env_file hands every variable to the container"
         used = set(service.get("secrets", []))
