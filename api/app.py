@@ -13,6 +13,8 @@ from sqlalchemy import func, select
 from sqlmodel import col
 
 from api.docs_ui import install_docs
+from api.deps import PUBLIC_PATHS, PUBLIC_PREFIXES
+from api.edge import EdgeGuard, public_path_matcher
 from api.problems import install_problem_handlers
 from api.routes import actions, admin, paywall, webhooks_admin
 from connector import __version__
@@ -44,6 +46,13 @@ def create_app(
     app.state.runtime = rt
     install_problem_handlers(app)
     install_docs(app)
+    # Added before the request-id middleware, so that one wraps it: refusals carry an id too.
+    app.add_middleware(
+        EdgeGuard,
+        max_body_bytes=rt.settings.api_max_body_bytes,
+        max_json_depth=rt.settings.api_max_json_depth,
+        is_public=public_path_matcher(PUBLIC_PATHS, PUBLIC_PREFIXES),
+    )
 
     @app.middleware("http")
     async def request_ids(

@@ -18,7 +18,14 @@ TYPE_BASE = "https://x402c.dev/problems/"
 
 
 def problem_response(
-    status: int, code: str, title: str, detail: str, request: Request, **extra: Any
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    request: Request,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": TYPE_BASE + code,
@@ -29,7 +36,7 @@ def problem_response(
         "request_id": getattr(request.state, "request_id", None),
     }
     body.update({k: v for k, v in extra.items() if v is not None})
-    headers = {}
+    headers = dict(headers or {})
     if status == 401:
         headers["www-authenticate"] = 'Bearer realm="x402c"'
     return JSONResponse(
@@ -40,6 +47,13 @@ def problem_response(
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
+
+
+def _error_item(e: Any) -> dict[str, str]:
+    if e.get("type") == "json_invalid":
+        # FastAPI reports the byte offset as the location ("8: JSON decode error"): no field.
+        return {"field": "body", "message": "the request body is not valid JSON"}
+    return {"field": _field_path(e.get("loc", ())), "message": str(e.get("msg"))}
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -57,10 +71,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field_path(e.get("loc", ())), "message": str(e.get("msg"))}
-            for e in exc.errors()
-        ]
+        errors = [_error_item(e) for e in exc.errors()]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)[:1000]
         return problem_response(
             422, "validation_failed", "Validation failed", detail, request, errors=errors
@@ -68,11 +79,23 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
-        codes[429] = "too_many_requests"
+        codes = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            429: "too_many_requests",
+        }
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
+        headers = dict(exc.headers or {})  # e.g. Allow on 405, WWW-Authenticate on 401
         response = problem_response(
-            exc.status_code, code, code.replace("_", " ").capitalize(), str(exc.detail), request
+            exc.status_code,
+            code,
+            code.replace("_", " ").capitalize(),
+            str(exc.detail),
+            request,
+            headers=headers,
         )
         for name, value in (exc.headers or {}).items():  # e.g. Retry-After on a 429
             response.headers.setdefault(name, value)

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: int = Field(default=48, ge=24)
     auth_failure_limit: int = Field(default=20, ge=1)  # failed authentications per window ...
     auth_failure_window_s: float = Field(default=60.0, gt=0)  # ... per client address / key prefix
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)  # larger bodies: 413
+    api_max_json_depth: int = Field(default=32, ge=4, le=256)  # deeper JSON: 422, not parsed
+    health_probe_timeout_s: float = Field(default=0.5, gt=0)  # per dependency check
+    health_cache_s: float = Field(default=2.0, ge=0)  # a probe result is reused this long
 
     @model_validator(mode="after")
     def _production_needs_explicit_config(self) -> Settings:

@@ -9,19 +9,30 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _TX = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _ATOMIC = re.compile(r"^[0-9]{1,78}$")
+UINT256_MAX = 2**256 - 1
+
+
+def _uint256(value: str) -> str:
+    """78 digits reach 10**78 - 1, above uint256: such an amount could never be paid on-chain."""
+    if _ATOMIC.match(value) and int(value) > UINT256_MAX:
+        raise ValueError("exceeds the largest uint256 amount (2**256 - 1)")
+    return value
+
 
 Amount = Annotated[
     str,
     Field(
         pattern=_ATOMIC.pattern,
-        description="Amount in atomic units as a decimal string (1 USDC = 1000000).",
+        description="Amount in atomic units as a decimal string (1 USDC = 1000000), at most "
+        "2**256 - 1.",
         examples=["10000"],
     ),
+    AfterValidator(_uint256),
 ]
 Address = Annotated[str, Field(pattern=_ADDRESS.pattern, description="EVM address (0x + 40 hex).")]
 TxHash = Annotated[str, Field(pattern=_TX.pattern, description="Transaction hash (0x + 64 hex).")]

@@ -194,6 +194,16 @@ def requirement_from_stored(stored: dict[str, Any], version: int) -> Requirement
     return requirement_from_wire(stored, version)
 
 
+#: The last second a ``datetime`` can hold (year 9999). EIP-3009 deadlines are any uint256, and
+#: payers may sign "never expires" as 2**256 - 1: such deadlines are stored as this instead.
+_LAST_DATETIME_S = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+
+
+def deadline_from_epoch(seconds: int) -> datetime:
+    """A uint256 Unix deadline as a UTC datetime, clamped to what a datetime can hold."""
+    return datetime.fromtimestamp(min(max(seconds, 0), _LAST_DATETIME_S), UTC)
+
+
 @dataclass(frozen=True)
 class Signed:
     wire: dict[str, Any]
@@ -217,7 +227,7 @@ def sign_payment(
     return Signed(
         wire=wire,
         nonce=signed.nonce,
-        valid_before=datetime.fromtimestamp(signed.valid_before, UTC),
+        valid_before=deadline_from_epoch(signed.valid_before),
         payer=account.address,
     )
 
@@ -282,7 +292,7 @@ def check_incoming(incoming: IncomingPayment, requirement: Requirement) -> Incom
         wire=incoming.wire,
         payer=incoming.payer,
         nonce=incoming.nonce,
-        valid_before=datetime.fromtimestamp(auth.valid_before, UTC),
+        valid_before=deadline_from_epoch(auth.valid_before),
     )
 
 

@@ -9,6 +9,7 @@ window cannot be drained twice around midnight, which is what an agent with a lo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -24,14 +25,22 @@ BUDGET_WINDOWS: dict[str, timedelta] = {
 }
 
 
+_UINT = re.compile(r"^[0-9]{1,78}$")
+
+
 def _int_or_none(value: object) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, bool | float):
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("amounts are integers in atomic units (send a decimal string)")
-    number = int(str(value))
-    if number < 0:
+    if isinstance(value, int) and value < 0:
         raise ValueError("amounts cannot be negative")
+    text = str(value)
+    if not _UINT.match(text):  # never int()'s own message: it would leak Python internals
+        raise ValueError("amounts are non-negative integers in atomic units (a decimal string)")
+    number = int(text)
+    if number >= 2**256:
+        raise ValueError("amounts cannot exceed uint256 (2**256 - 1)")
     return number
 
 

@@ -48,6 +48,8 @@ def uint_string(data: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, bool):
         raise MalformedPayment(f"{where}.{key} must be a decimal string", field=f"{where}.{key}")
     if isinstance(value, int) and value >= 0:
+        if value >= 2**256:
+            raise MalformedPayment(f"{where}.{key} exceeds uint256", field=f"{where}.{key}")
         return value
     if not isinstance(value, str) or not _UINT.match(value):
         raise MalformedPayment(
