@@ -5,9 +5,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlmodel import col
@@ -15,10 +15,10 @@ from sqlmodel import col
 from api.docs_ui import install_docs
 from api.deps import PUBLIC_PATHS, PUBLIC_PREFIXES
 from api.edge import EdgeGuard, public_path_matcher
+from api.health import HealthProbes, beat_probe, broker_probe, database_probe
 from api.problems import install_problem_handlers
 from api.routes import actions, admin, paywall, webhooks_admin
 from connector import __version__
-from connector.beat import beat_status
 from connector.logs import get_logger
 from connector.metrics import PAYMENTS_BY_STATE, QUEUE_DEPTH
 from connector.runtime import Runtime
@@ -83,11 +83,29 @@ def create_app(
     if facilitator_app is not None:
         app.mount("/facilitator", facilitator_app)
 
+    health = HealthProbes(
+        timeout_s=rt.settings.health_probe_timeout_s, cache_s=rt.settings.health_cache_s
+    )
+    health.add("database", database_probe(rt.engine), critical=True)
+    health.add(
+        "broker",
+        broker_probe(rt.settings.broker_url, rt.settings.health_probe_timeout_s),
+        critical=False,  # the API still takes work: queued jobs are re-sent by the sweep
+    )
+    # Never cached: a tick is news as soon as it is written.
+    health.add("beat", beat_probe(rt.engine), critical=False, cache_s=0)
+    app.state.health = health
+
     @app.get("/healthz", tags=["ops"])
-    def health() -> dict[str, Any]:
-        with UnitOfWork(rt.engine) as uow:
-            uow.session.execute(select(1))
-        return {"status": "ok", "version": __version__, "beat": beat_status(rt.engine)}
+    async def healthz() -> JSONResponse:
+        """Liveness and dependencies: 200 ``ok``/``degraded``, 503 ``down`` (database)."""
+        status, body = await health.report()
+        beat = body["checks"].get("beat", {})
+        # ``beat`` at the top level as well: {last_tick_at, age_s, ok} (operators' scripts).
+        body["beat"] = {k: beat.get(k) for k in ("last_tick_at", "age_s")} | {
+            "ok": beat.get("status") == "ok"
+        }
+        return JSONResponse({**body, "version": __version__}, status_code=status)
 
     @app.get("/metrics", tags=["ops"])
     def metrics() -> Response:
@@ -102,7 +120,9 @@ def create_app(
             try:
                 import redis
 
-                depth = redis.Redis.from_url(broker, socket_timeout=1).llen("celery")
+                depth = redis.Redis.from_url(
+                    broker, socket_timeout=1, socket_connect_timeout=1
+                ).llen("celery")
                 QUEUE_DEPTH.labels(queue="celery").set(depth)
             except Exception:  # metrics must not fail because the broker is down
                 log.warning("queue depth unavailable")

@@ -73,12 +73,17 @@ class EdgeGuard:
         max_json_depth: int,
         is_public: Callable[[str], bool] = lambda _: True,
         always_json: bool = False,
+        invalid_status: int = 422,
+        invalid_code: str = "validation_failed",
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
         self.is_public = is_public
         self.always_json = always_json
+        # The facilitator protocol answers a malformed request with 400, the admin API with 422.
+        self.invalid_status = invalid_status
+        self.invalid_code = invalid_code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +95,7 @@ class EdgeGuard:
         if "\x00" in path or b"%00" in raw_path or b"%00" in query or b"\x00" in query:
             where = "query" if b"%00" in query or b"\x00" in query else "path"
             await self._problem(
-                scope, send, 422, "validation_failed", "Validation failed",
+                scope, send, self.invalid_status, self.invalid_code, "Validation failed",
                 "NUL characters are not accepted in the path or query string", field=where,
             )  # fmt: skip
             return
@@ -134,8 +139,8 @@ class EdgeGuard:
             problem = json_problem(body, self.max_json_depth)
             if problem is not None:
                 await self._problem(
-                    scope, send, 422, "validation_failed", "Validation failed", problem,
-                    field="body",
+                    scope, send, self.invalid_status, self.invalid_code, "Validation failed",
+                    problem, field="body",
                 )  # fmt: skip
                 return
 

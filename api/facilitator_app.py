@@ -38,6 +38,7 @@ class Facilitating(Protocol):
     def settle(self, body: Any) -> dict[str, Any]: ...
     def supported(self) -> dict[str, Any]: ...
 
+
 MAX_BODY = 64 * 1024
 MAX_DEPTH = 16
 
@@ -106,7 +107,12 @@ def create_facilitator_app(
         return response
 
     app.add_middleware(
-        EdgeGuard, max_body_bytes=MAX_BODY, max_json_depth=MAX_DEPTH, always_json=True
+        EdgeGuard,
+        max_body_bytes=MAX_BODY,
+        max_json_depth=MAX_DEPTH,
+        always_json=True,
+        invalid_status=400,
+        invalid_code="x402_malformed",
     )
 
     @app.exception_handler(ProtocolError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,6 +57,27 @@ def _error_item(e: Any) -> dict[str, str]:
     return {"field": _field_path(e.get("loc", ())), "message": str(e.get("msg"))}
 
 
+def _allowed_methods(request: Request) -> str:
+    """Starlette names only the first route matching the path, but one path may have several
+    routes (GET and POST ``/v1/admin/keys``): collect the methods of all, from the OpenAPI."""
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(
+        request.app.state, "allowed_methods", None
+    )
+    if table is None:
+        table = []
+        for path, item in request.app.openapi().get("paths", {}).items():
+            pattern = re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)) + "$")
+            table.append((pattern, {m.upper() for m in item}))
+        request.app.state.allowed_methods = table
+    methods: set[str] = set()
+    for pattern, verbs in table:
+        if pattern.match(request.url.path):
+            methods |= verbs
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ConnectorError)
     async def connector_error(request: Request, exc: ConnectorError) -> JSONResponse:
@@ -88,7 +110,10 @@ def install_problem_handlers(app: FastAPI) -> None:
             429: "too_many_requests",
         }
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
-        headers = dict(exc.headers or {})  # e.g. Allow on 405, WWW-Authenticate on 401
+        # e.g. Allow on 405, WWW-Authenticate on 401
+        headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+        if exc.status_code == 405:
+            headers["allow"] = _allowed_methods(request) or headers.get("allow", "")
         response = problem_response(
             exc.status_code,
             code,

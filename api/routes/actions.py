@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Requ
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import require, runtime
 from connector import admin_keys, jobs
@@ -17,12 +18,14 @@ from connector.actions.manifest import build_manifest
 from connector.actions.registry import BY_KEY
 from connector.connections import service as connections
 from connector.errors import NotFound
+from connector.logs import get_logger
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.connections import AdminKey
 from connector.storage.models.payments import Job
 from connector.webhooks import subscriptions
 
+log = get_logger("api.actions")
 router = APIRouter(tags=["actions"])
 ACTIONS = Depends(require("actions"))
 
@@ -75,6 +78,30 @@ async def run_action(
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from exc
+    # Database and broker calls are blocking: they run in the thread pool, never on the event
+    # loop (one slow broker publish there used to stall every request, /healthz included).
+    started = await run_in_threadpool(_start, rt, connection_id, action, body, idempotency_key)
+    job = started.job
+    try:
+        if started.created:
+            await run_in_threadpool(_dispatch, rt, job.id)
+        deadline = time.monotonic() + wait
+        while wait and job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            job = await run_in_threadpool(_load, rt, job.id)
+        done = job.status in ("succeeded", "failed")
+        headers = {"location": f"/v1/jobs/{job.id}"}
+        if not started.created:
+            headers["idempotent-replayed"] = "true"
+        return JSONResponse(job_view(job), status_code=200 if done else 202, headers=headers)
+    finally:
+        if started.idempotency_record_id is not None:
+            await run_in_threadpool(_finish, rt, started.idempotency_record_id)
+
+
+def _start(
+    rt: Runtime, connection_id: str, action: str, body: dict[str, Any], key: str | None
+) -> jobs.JobStart:
     with UnitOfWork(rt.engine) as uow:
         connections.get(uow.session, connection_id)
         started = jobs.start_job(
@@ -82,27 +109,33 @@ async def run_action(
             connection_id=connection_id,
             action=action,
             body=body,
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
         )
         uow.commit()
-    job = started.job
+    return started
+
+
+def _dispatch(rt: Runtime, job_id: str) -> None:
+    """Enqueue the job. The job row is already committed as ``queued``: if the broker is down,
+    the stale-job sweep sends it again later, so the caller still gets its 202 and job id."""
     try:
-        if started.created:
-            rt.dispatch("x402c.run_job", (job.id,))
-        deadline = time.monotonic() + wait
-        while wait and job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            with UnitOfWork(rt.engine) as uow:
-                job = jobs.get_job(uow.session, job.id)
-        done = job.status in ("succeeded", "failed")
-        headers = {"location": f"/v1/jobs/{job.id}"}
-        if not started.created:
-            headers["idempotent-replayed"] = "true"
-        return JSONResponse(job_view(job), status_code=200 if done else 202, headers=headers)
-    finally:
-        with UnitOfWork(rt.engine) as uow:
-            jobs.finish_request(uow.session, started.idempotency_record_id)
-            uow.commit()
+        rt.dispatch("x402c.run_job", (job_id,))
+    except Exception as exc:
+        log.warning(
+            "job not enqueued; the stale-job sweep will retry",
+            extra={"job_id": job_id, "error": type(exc).__name__},
+        )
+
+
+def _load(rt: Runtime, job_id: str) -> Job:
+    with UnitOfWork(rt.engine) as uow:
+        return jobs.get_job(uow.session, job_id)
+
+
+def _finish(rt: Runtime, record_id: str) -> None:
+    with UnitOfWork(rt.engine) as uow:
+        jobs.finish_request(uow.session, record_id)
+        uow.commit()
 
 
 @router.get("/v1/jobs/{job_id}")

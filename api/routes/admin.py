@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,6 +12,7 @@ from sqlmodel import Session, col
 
 from api.deps import request_id, require, runtime, session
 from api.pagination import PageParams, envelope, page
+from api.params import IsoDatetime
 from connector import admin_keys
 from connector.connections import service as connections
 from connector.connections.schemas import (
@@ -23,6 +24,7 @@ from connector.connections.schemas import (
 from connector.connections.testing import ConnectionTestReport, run_connection_test
 from connector.errors import NotFound, ValidationFailed
 from connector.payments.approvals_service import decide
+from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.runtime import Runtime
 from connector.storage.models.connections import AdminKey, AuditEntry
@@ -227,7 +229,7 @@ def list_audit(
     actor: str | None = Query(None, max_length=40),
     action: str | None = Query(None, max_length=64),
     target_id: str | None = Query(None, max_length=40),
-    since: datetime | None = None,
+    since: IsoDatetime | None = None,
     _: AdminKey = READ,
     s: Session = Depends(session),
 ) -> dict[str, Any]:
@@ -251,7 +253,7 @@ def list_audit(
 def list_payments(
     params: PageParams = Depends(),
     connection_id: str | None = Query(None, max_length=40),
-    state: str | None = Query(None, max_length=24),
+    state: PaymentState | None = Query(None),
     direction: str | None = Query(None, pattern="^(incoming|outgoing)$"),
     _: AdminKey = READ,
     s: Session = Depends(session),

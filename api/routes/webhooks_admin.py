@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -12,6 +12,7 @@ from sqlmodel import Session, col
 
 from api.deps import require, runtime, session
 from api.pagination import PageParams, envelope, page
+from api.params import DeliveryStatus, IsoDatetime
 from connector.errors import NotFound
 from connector.events.outbox import record_event
 from connector.runtime import Runtime
@@ -57,7 +58,7 @@ def _delivery_view(s: Session, row: Delivery) -> dict[str, Any]:
 @router.get("/deliveries")
 def list_deliveries(
     params: PageParams = Depends(),
-    status: str | None = Query(None, max_length=12),
+    status: DeliveryStatus | None = Query(None),
     event_id: str | None = Query(None, max_length=40),
     subscription_id: str | None = Query(None, max_length=40),
     _: AdminKey = READ,
@@ -86,7 +87,7 @@ def redeliver_one(
 
 
 class RedeliverFailed(BaseModel):
-    since: datetime
+    since: IsoDatetime
 
 
 @router.post("/deliveries/redeliver")

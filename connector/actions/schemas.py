@@ -6,10 +6,19 @@ Amounts are decimal strings of atomic units on the wire (JSON numbers lose preci
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _TX = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -38,6 +47,28 @@ Address = Annotated[str, Field(pattern=_ADDRESS.pattern, description="EVM addres
 TxHash = Annotated[str, Field(pattern=_TX.pattern, description="Transaction hash (0x + 64 hex).")]
 
 
+# --- per-field limits (docs/security.md lists them; the whole body is bounded at the edge) ------
+MAX_HEADERS = 32
+MAX_METADATA_KEYS = 32
+MAX_RESOURCE_BYTES = 64 * 1024  # a `receive` resource is stored and served on every paid hit
+MAX_X402_JSON_BYTES = 32 * 1024  # a payment payload or requirements object (`verify`)
+#: Headers that carry credentials. Job inputs are stored as given, so `send` refuses them rather
+#: than keep a caller's secrets in clear text in the jobs table.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+_CREDENTIAL_WORDS = ("token", "secret", "password", "api-key", "apikey", "session")
+
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")]
+HeaderValue = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\r\n\x00]*$")]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=8192)
 
@@ -52,7 +83,11 @@ class SendInput(_Model):
         default=None, max_length=2048, description="x402-protected resource to pay and fetch."
     )
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
+    headers: dict[HeaderName, HeaderValue] = Field(
+        default_factory=dict,
+        max_length=MAX_HEADERS,
+        description="Extra request headers (no credentials: they would be stored with the job).",
+    )
     body: str | None = Field(default=None, max_length=1_000_000, description="Request body.")
     to: Address | None = Field(default=None, description="Pay this address directly (no URL).")
     amount: Amount | None = Field(default=None, description="Required with `to`.")
@@ -65,7 +100,9 @@ class SendInput(_Model):
     )
     description: str | None = Field(default=None, max_length=1024)
     dry_run: bool = Field(default=False, description="Decide and record, sign nothing.")
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict, max_length=MAX_METADATA_KEYS
+    )
 
     @model_validator(mode="after")
     def _url_xor_address(self) -> SendInput:
@@ -84,6 +121,16 @@ class SendInput(_Model):
         clash = reserved.intersection(k.lower() for k in value)
         if clash:
             raise ValueError(f"headers may not set {sorted(clash)}")
+        secret = sorted(
+            k
+            for k in value
+            if k.lower() in CREDENTIAL_HEADERS or any(w in k.lower() for w in _CREDENTIAL_WORDS)
+        )
+        if secret:
+            raise ValueError(
+                f"credential headers are not accepted ({secret}): job inputs are stored, "
+                "and a secret must not be kept in clear text"
+            )
         return value
 
 
@@ -138,7 +185,9 @@ class ReceiveInput(_Model):
     network: str | None = None
     description: str = Field(default="", max_length=1024)
     resource: dict[str, Any] | None = Field(
-        default=None, description="JSON delivered to the payer after payment."
+        default=None,
+        description=f"JSON delivered to the payer after payment (at most {MAX_RESOURCE_BYTES} "
+        "bytes serialized).",
     )
     redirect_url: str | None = Field(default=None, max_length=2048)
     mime_type: str = Field(default="application/json", max_length=128)
@@ -162,6 +211,13 @@ class ReceiveInput(_Model):
     protocols: Literal["both", "v1", "v2"] = Field(
         default="both", description="x402 versions the paywall offers."
     )
+
+    @field_validator("resource")
+    @classmethod
+    def _resource_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _json_size(value) > MAX_RESOURCE_BYTES:
+            raise ValueError(f"must be at most {MAX_RESOURCE_BYTES} bytes as JSON")
+        return value
 
     @model_validator(mode="after")
     def _custody(self) -> ReceiveInput:
@@ -208,6 +264,13 @@ class VerifyInput(_Model):
     expected_amount: Amount | None = None
     asset: Address | None = None
     min_confirmations: int = Field(default=1, ge=0, le=1000)
+
+    @field_validator("payment_payload", "requirements")
+    @classmethod
+    def _x402_size(cls, value: Any) -> Any:
+        if value is not None and _json_size(value) > MAX_X402_JSON_BYTES:
+            raise ValueError(f"must be at most {MAX_X402_JSON_BYTES} bytes as JSON")
+        return value
 
     @model_validator(mode="after")
     def _one_mode(self) -> VerifyInput:

@@ -54,11 +54,13 @@ def _timed(name: str, check: Callable[[], str]) -> CheckResult:
         detail, ok = check(), True
     except (ConnectorError, CheckFailed) as exc:
         detail, ok = str(getattr(exc, "detail", exc))[:300], False
-    except (httpx.HTTPError, OSError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
         detail, ok = f"connection failed ({type(exc).__name__})", False
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         # Parsing a malformed answer: name the failure, never quote the answer.
         detail, ok = f"unexpected answer ({type(exc).__name__})", False
+    except Exception as exc:  # a check must fail, never the whole test (no internal text shown)
+        detail, ok = f"check failed unexpectedly ({type(exc).__name__})", False
     return CheckResult(
         name=name, ok=ok, detail=detail, latency_ms=int((time.perf_counter() - start) * 1000)
     )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from connector.errors import PolicyRefused
 
@@ -44,6 +45,12 @@ def _int_or_none(value: object) -> int | None:
     return number
 
 
+#: Bounds of the policy's lists (each checked on every payment; stored with the connection).
+MAX_POLICY_LIST = 1000
+PolicyItem = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+PolicyList = Annotated[list[PolicyItem], Field(max_length=MAX_POLICY_LIST)]
+
+
 class SpendingPolicy(BaseModel):
     """Stored as JSON on the connection; amounts are atomic units (decimal strings on the wire)."""
 
@@ -54,12 +61,12 @@ class SpendingPolicy(BaseModel):
     budget_week: int | None = None
     budget_month: int | None = None
     budget_alert_ratio: float = Field(default=0.8, gt=0, le=1)
-    allowed_networks: list[str] = Field(default_factory=list)  # empty = any
-    allowed_assets: list[str] = Field(default_factory=list)  # empty = any
-    payee_allow: list[str] = Field(default_factory=list)
-    payee_deny: list[str] = Field(default_factory=list)
-    domain_allow: list[str] = Field(default_factory=list)
-    domain_deny: list[str] = Field(default_factory=list)
+    allowed_networks: PolicyList = Field(default_factory=list)  # empty = any
+    allowed_assets: PolicyList = Field(default_factory=list)  # empty = any
+    payee_allow: PolicyList = Field(default_factory=list)
+    payee_deny: PolicyList = Field(default_factory=list)
+    domain_allow: PolicyList = Field(default_factory=list)
+    domain_deny: PolicyList = Field(default_factory=list)
     approval_threshold: int | None = None  # amounts >= this wait for approval
     approvals_required: int = Field(default=1, ge=1, le=10)
     approval_ttl_hours: float = Field(default=24, gt=0, le=24 * 30)
