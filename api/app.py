@@ -16,6 +16,7 @@ from api.docs_ui import install_docs
 from api.deps import PUBLIC_PATHS, PUBLIC_PREFIXES
 from api.edge import EdgeGuard, public_path_matcher
 from api.health import HealthProbes, beat_probe, broker_probe, database_probe
+from api.openapi import install_openapi
 from api.problems import install_problem_handlers
 from api.routes import actions, admin, paywall, webhooks_admin
 from connector import __version__
@@ -47,12 +48,14 @@ def create_app(
     install_problem_handlers(app)
     install_docs(app)
     # Added before the request-id middleware, so that one wraps it: refusals carry an id too.
+    is_public = public_path_matcher(PUBLIC_PATHS, PUBLIC_PREFIXES)
     app.add_middleware(
         EdgeGuard,
         max_body_bytes=rt.settings.api_max_body_bytes,
         max_json_depth=rt.settings.api_max_json_depth,
-        is_public=public_path_matcher(PUBLIC_PATHS, PUBLIC_PREFIXES),
+        is_public=is_public,
     )
+    install_openapi(app, is_public)
 
     @app.middleware("http")
     async def request_ids(
