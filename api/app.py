@@ -54,6 +54,7 @@ def create_app(
         max_body_bytes=rt.settings.api_max_body_bytes,
         max_json_depth=rt.settings.api_max_json_depth,
         is_public=is_public,
+        delegate_prefixes=("/facilitator",) if facilitator_app is not None else (),
     )
     install_openapi(app, is_public)
 

@@ -75,6 +75,7 @@ class EdgeGuard:
         always_json: bool = False,
         invalid_status: int = 422,
         invalid_code: str = "validation_failed",
+        delegate_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -84,12 +85,17 @@ class EdgeGuard:
         # The facilitator protocol answers a malformed request with 400, the admin API with 422.
         self.invalid_status = invalid_status
         self.invalid_code = invalid_code
+        # Mounted apps with a guard of their own and their own error shapes (the facilitator).
+        self.delegate_prefixes = tuple(p.rstrip("/") + "/" for p in delegate_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        if self.delegate_prefixes and path.startswith(self.delegate_prefixes):
+            await self.app(scope, receive, send)
+            return
         raw_path: bytes = scope.get("raw_path") or b""
         query: bytes = scope.get("query_string", b"")
         if "\x00" in path or b"%00" in raw_path or b"%00" in query or b"\x00" in query:
