@@ -98,11 +98,20 @@ class EdgeGuard:
             return
         raw_path: bytes = scope.get("raw_path") or b""
         query: bytes = scope.get("query_string", b"")
-        if "\x00" in path or b"%00" in raw_path or b"%00" in query or b"\x00" in query:
+        nul_header = any(b"\x00" in value for _, value in scope.get("headers", ()))
+        if (
+            "\x00" in path
+            or b"%00" in raw_path
+            or b"%00" in query
+            or b"\x00" in query
+            or nul_header
+        ):
             where = "query" if b"%00" in query or b"\x00" in query else "path"
+            where = "header" if nul_header else where
             await self._problem(
                 scope, send, self.invalid_status, self.invalid_code, "Validation failed",
-                "NUL characters are not accepted in the path or query string", field=where,
+                "NUL characters are not accepted in the path, query string or headers",
+                field=where,
             )  # fmt: skip
             return
 

@@ -280,3 +280,13 @@ def test_connection_test_survives_an_unparsable_url(api: ApiHarness) -> None:
     )
     assert response.status_code == 200, response.text
     assert response.json()["ok"] is False
+
+
+def test_nul_in_a_header_is_422(api: ApiHarness, connection_id: str) -> None:
+    response = api.client.post(
+        f"/v1/connections/{connection_id}/actions/receive",
+        json={"amount": "1"},
+        headers={**api.auth(), "idempotency-key": "k\x00ey"},
+    )
+    assert _problem(response, 422)["errors"][0]["field"] == "header"
+    assert api.dispatched == []
