@@ -138,6 +138,18 @@ class ConnectionUpdate(_Base):
     capture_default: Literal["automatic", "manual"] | None = None
     policy: SpendingPolicy | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _required_fields_stay_set(cls, data: Any) -> Any:
+        """Omitted means "unchanged"; an explicit null on a field every connection must have
+        would store a row the API can no longer show (a 500 on every later read)."""
+        if isinstance(data, dict):
+            cleared = [k for k in ("name", "network", "rpc_url", "facilitator_url") if k in data]
+            nulls = [k for k in cleared if data[k] is None]
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)} cannot be null; omit a field to keep it")
+        return data
+
 
 class ConnectionView(BaseModel):
     id: str

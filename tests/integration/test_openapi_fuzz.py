@@ -32,6 +32,10 @@ from sqlalchemy.engine import Engine
 
 from api.app import create_app
 from connector import admin_keys
+from connector.actions.registry import BY_KEY
+from connector.actions.schemas import ReceiveInput
+from connector.payments.context_loader import load_connection
+from connector.payments.receive import create_request
 from connector.runtime import Runtime
 from connector.settings import Settings
 from connector.storage.db import make_engine, transaction
@@ -116,9 +120,68 @@ EXAMPLES = 12
 def test_api_conforms_to_its_openapi(
     label: str, mode: GenerationMode, api_schema: Any, harness: tuple[Any, str]
 ) -> None:
+    _run(api_schema, harness, label, mode, {})
+
+
+@pytest.fixture(scope="module")
+def seeded(harness: tuple[Any, str]) -> dict[str, str]:
+    """Real ids, so generated requests reach the services behind the lookups, not only 404s."""
+    app, key = harness
+    client = TestClient(app)
+    created = client.post(
+        "/v1/admin/connections",
+        headers={"authorization": f"Bearer {key}"},
+        json={
+            "name": "seeded",
+            "network": "base-sepolia",
+            "rpc_url": "http://127.0.0.1:9/",
+            "facilitator_url": "http://127.0.0.1:9/",
+            "webhook_url": "http://127.0.0.1:9/hook",
+        },
+    )
+    assert created.status_code == 201, created.text
+    connection_id = created.json()["id"]
+    rt = app.state.runtime
+    offer = create_request(rt, load_connection(rt, connection_id), ReceiveInput(amount="100"))
+    return {"connection_id": connection_id, "request_id": offer.id}
+
+
+SEEDED = [
+    label
+    for label in LABELS
+    if ("{connection_id}" in label or "{request_id}" in label) and not label.startswith("DELETE")
+]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize("label", SEEDED)
+def test_api_conforms_with_existing_resources(
+    label: str,
+    mode: GenerationMode,
+    api_schema: Any,
+    harness: tuple[Any, str],
+    seeded: dict[str, str],
+) -> None:
+    fixed = {name: value for name, value in seeded.items() if "{" + name + "}" in label}
+    if "{action}" in label:
+        for action in sorted(BY_KEY):
+            _run(api_schema, harness, label, mode, {**fixed, "action": action})
+    else:
+        _run(api_schema, harness, label, mode, fixed)
+
+
+def _run(
+    api_schema: Any, harness: tuple[Any, str], label: str, mode: GenerationMode, fixed: Any
+) -> None:
     _, key = harness
     operation = api_schema.find_operation_by_label(label)
     assert operation is not None
+
+    # No worker runs here: a job never finishes, so waiting for it would only stall the run.
+    query = {"wait": 0} if "{action}" in label else None
+    strategy = operation.as_strategy(
+        generation_mode=mode, path_parameters=fixed or None, query=query
+    )
 
     @settings(
         max_examples=EXAMPLES,
@@ -127,7 +190,7 @@ def test_api_conforms_to_its_openapi(
         suppress_health_check=list(HealthCheck),
         database=None,
     )
-    @given(operation.as_strategy(generation_mode=mode))
+    @given(strategy)
     def run(case: Any) -> None:
         case.call_and_validate(headers={"authorization": f"Bearer {key}"}, checks=CHECKS)
 
