@@ -290,3 +290,15 @@ def test_nul_in_a_header_is_422(api: ApiHarness, connection_id: str) -> None:
     )
     assert _problem(response, 422)["errors"][0]["field"] == "header"
     assert api.dispatched == []
+
+
+@pytest.mark.parametrize("field", ["name", "network", "rpc_url", "facilitator_url"])
+def test_patch_cannot_null_a_required_field(
+    api: ApiHarness, connection_id: str, field: str
+) -> None:
+    response = api.client.patch(
+        f"/v1/admin/connections/{connection_id}", json={field: None}, headers=api.auth()
+    )
+    assert field in _problem(response, 422)["detail"]
+    got = api.client.get(f"/v1/admin/connections/{connection_id}", headers=api.auth())
+    assert got.status_code == 200 and got.json()[field]
