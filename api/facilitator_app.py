@@ -106,6 +106,10 @@ def create_facilitator_app(
         response.headers["www-authenticate"] = "Bearer"
         return response
 
+    def _open_path(path: str) -> bool:
+        # With API keys, a /verify or /settle body without any bearer key is not even read.
+        return not allowed or not path.rstrip("/").endswith(("/verify", "/settle"))
+
     app.add_middleware(
         EdgeGuard,
         max_body_bytes=MAX_BODY,
@@ -113,6 +117,7 @@ def create_facilitator_app(
         always_json=True,
         invalid_status=400,
         invalid_code="x402_malformed",
+        is_public=_open_path,
     )
 
     @app.exception_handler(ProtocolError)

@@ -83,3 +83,14 @@ def test_an_unexpected_failure_is_a_500_problem_not_plain_text() -> None:
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     assert "secret internals" not in response.text
+
+
+def test_with_api_keys_a_body_without_a_key_is_not_read() -> None:
+    facilitator = LocalFacilitator(None, None, network="eip155:31337")  # type: ignore[arg-type]
+    client = TestClient(create_facilitator_app(facilitator, api_keys=["k-123"]))
+    nested = b"[" * 30_000 + b"]" * 30_000
+    response = client.post("/verify", content=nested)
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    response = client.post("/verify", content=nested, headers={"authorization": "Bearer k-123"})
+    assert response.status_code == 400  # read (bounded), refused before parsing
