@@ -75,6 +75,7 @@ def serve(
         "X402C_RESULT_BACKEND": "cache+memory://",
         "X402C_DATA_DIR": data_dir,
         "X402C_LOG_LEVEL": "WARNING",
+        "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",  # the connection points at 127.0.0.1:9
         "BENCH_QUEUE": QUEUE,
     }
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(port)], cwd=ROOT, env=env)
