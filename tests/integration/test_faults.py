@@ -320,10 +320,14 @@ def test_beat_tasks_record_ticks_and_healthz_reports_the_last_one(rig: FaultRig)
     from workers.tasks import reconcile_payments
 
     client = TestClient(create_app(runtime=rig.rt))
+    # Health probes run off the request path (an answer may carry the previous result), so
+    # wait for the check to have run rather than expect it in the very first answer.
+    assert wait_until(lambda: client.get("/healthz").json()["checks"]["beat"]["status"] == "down")
     before = client.get("/healthz").json()
     assert before["beat"] == {"last_tick_at": None, "age_s": None, "ok": False}
     with worker_runtime_of(rig):
         reconcile_payments.apply()
+    assert wait_until(lambda: client.get("/healthz").json()["beat"]["ok"] is True)
     beat = client.get("/healthz").json()["beat"]
     assert beat["ok"] is True and beat["last_tick_at"] is not None
     assert datetime.fromisoformat(beat["last_tick_at"]) > datetime.now(UTC) - timedelta(minutes=1)
