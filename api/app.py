@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from api.docs_ui import install_docs
 from api.deps import PUBLIC_PATHS, PUBLIC_PREFIXES
+from api.docs_ui import install_docs
 from api.edge import EdgeGuard, public_path_matcher
 from api.health import HealthProbes, beat_probe, broker_probe, database_probe
 from api.openapi import install_openapi
