@@ -555,3 +555,45 @@ class ChainClient:
             raise TransactionReverted(f"deployment {tx_hash} reverted", tx_hash=tx_hash)
         raw = self.rpc("eth_getTransactionReceipt", [tx_hash])
         return to_checksum_address(raw["contractAddress"])
+
+    def try_call(self, to: str, data: str, *, sender: str | None = None) -> tuple[bool, bytes]:
+        """``eth_call`` that keeps a revert's data: (True, return data) or (False, revert data).
+
+        Needed to decode custom errors (a contract's typed revert reason), which :meth:`rpc`
+        reduces to a message. Transport failures still raise :class:`RpcError`."""
+        call: dict[str, Any] = {"to": to_checksum_address(to), "data": data}
+        if sender is not None:
+            call["from"] = to_checksum_address(sender)
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": "eth_call",
+                "params": [call, "latest"]}  # fmt: skip
+
+        def once() -> httpx.Response:
+            return self._http.post(self.rpc_url, json=body)
+
+        try:
+            response = call_with_retries(
+                once, retry_on=(httpx.TransportError,), attempts=self._attempts, base=0.1, cap=1.0
+            )
+            payload = response.json()
+        except (httpx.TransportError, ValueError) as exc:
+            raise RpcError(
+                f"RPC eth_call failed: {type(exc).__name__}", rpc_method="eth_call"
+            ) from exc
+        if not isinstance(payload, dict):
+            raise RpcError("RPC eth_call answered a non-object", rpc_method="eth_call")
+        error = payload.get("error")
+        if error:
+            raw = error.get("data") if isinstance(error, dict) else None
+            if isinstance(raw, dict):  # some nodes nest it
+                raw = raw.get("data")
+            if not isinstance(raw, str) or not raw.startswith("0x"):
+                message = _node_message(error.get("message") if isinstance(error, dict) else None)
+                if "revert" not in message.lower():
+                    raise RpcError(f"RPC eth_call failed: {message}", rpc_method="eth_call")
+                return False, b""
+            try:
+                return False, bytes.fromhex(raw[2:])
+            except ValueError:
+                return False, b""
+        result = payload.get("result")
+        return True, bytes.fromhex(str(result or "0x")[2:])

@@ -20,6 +20,7 @@ from eth_utils.address import to_checksum_address
 from connector.chain import abi
 from connector.chain.client import ChainClient, TransactionReverted
 from connector.devchain.anvil import DEV_CHAIN_ID, DEV_MNEMONIC, Anvil
+from connector.devchain.escrow import escrow_installed, install_auth_capture
 
 ARTIFACT = Path(__file__).parent / "artifacts" / "DevUSD.json"
 TOKEN_NAME = "Dev USD"
@@ -166,7 +167,8 @@ def start_devchain(
     state_file: Path | None = None,
     chain_state: Path | None = None,
 ) -> tuple[Anvil, DevChainInfo]:
-    """Start anvil, deploy DevUSD and fund the first ``fund_count`` dev accounts.
+    """Start anvil, deploy DevUSD, fund the first ``fund_count`` dev accounts and place the
+    ``authCapture`` escrow stack at its canonical addresses.
 
     With ``chain_state`` the chain persists: anvil loads and dumps that file, and when both it and
     ``state_file`` exist from an earlier run the same chain comes back on the same port (unless
@@ -183,6 +185,8 @@ def start_devchain(
             client = ChainClient(node.rpc_url)
             try:
                 if client.rpc("eth_getCode", [info.token, "latest"]) not in ("", "0x", None):
+                    if not escrow_installed(client):  # a chain saved before the escrow existed
+                        install_auth_capture(client, dev_accounts(1)[0])
                     info.rpc_url = node.rpc_url
                     state_file.write_text(info.to_json())
                     return node, info
@@ -199,6 +203,7 @@ def start_devchain(
     client = ChainClient(node.rpc_url)
     try:
         info = setup_dev_token(client, fund=[a.address for a in dev_accounts(fund_count)])
+        install_auth_capture(client, dev_accounts(1)[0])
     except Exception:
         node.stop()
         raise

@@ -1,0 +1,69 @@
+"""Escrow calls for ``authCapture``: read payment state, simulate, submit, decode reverts.
+
+Thin on purpose: calldata and reason codes come from :mod:`connector.x402.auth_capture`; this
+adds the chain round trips (one ``eth_call`` per read or simulation, one transaction per
+operation) through :class:`~connector.chain.client.ChainClient`, which already carries timeouts
+and bounded retries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_abi.abi import encode
+from eth_account.signers.local import LocalAccount
+
+from connector.chain.client import ChainClient, Receipt
+from connector.x402 import auth_capture as ac
+
+#: Gas for one escrow operation (authorize/charge with a first token-store deployment is the
+#: heaviest, ~300k on anvil); the simulation runs first, so an over-cap call never broadcasts.
+ESCROW_GAS = 600_000
+
+
+@dataclass(frozen=True)
+class Simulation:
+    ok: bool
+    error: str | None  # the escrow's custom error name when decoded
+    reason: str | None  # the spec's stable reason code when not ok
+
+
+class EscrowClient:
+    def __init__(self, client: ChainClient, deployment: ac.Deployment = ac.DEFAULT_DEPLOYMENT):
+        self.client = client
+        self.deployment = deployment
+
+    @property
+    def escrow(self) -> str:
+        return self.deployment.escrow
+
+    def payment_hash(self, info: ac.PaymentInfo) -> bytes:
+        return ac.payment_info_hash(info, chain_id=self.client.chain_id(), escrow=self.escrow)
+
+    def contract_hash(self, info: ac.PaymentInfo) -> bytes:
+        """The escrow's own ``getHash`` (to cross-check the local computation)."""
+        return bytes.fromhex(self.client.eth_call(self.escrow, ac.get_hash_data(info))[2:])
+
+    def state(self, info: ac.PaymentInfo) -> ac.EscrowState:
+        data = ac.payment_state_data(self.payment_hash(info))
+        return ac.decode_payment_state(self.client.eth_call(self.escrow, data))
+
+    def token_store(self, operator: str) -> str:
+        raw = self.client.eth_call(
+            self.escrow, "0x" + (ac.SEL_GET_TOKEN_STORE + encode(["address"], [operator])).hex()
+        )
+        return "0x" + raw[-40:]
+
+    def simulate(self, sender: str, data: str) -> Simulation:
+        ok, returned = self.client.try_call(self.escrow, data, sender=sender)
+        if ok:
+            return Simulation(True, None, None)
+        name, reason = ac.decode_revert(returned)
+        return Simulation(False, name, reason)
+
+    def submit(self, signer: LocalAccount, data: str, *, gas: int = ESCROW_GAS) -> str:
+        return self.client.send_transaction(signer, self.escrow, data, gas=gas)
+
+    def execute(self, signer: LocalAccount, data: str, *, timeout_s: float = 60.0) -> Receipt:
+        """Submit and wait for the receipt (status 0 is returned, not raised: callers decide)."""
+        return self.client.wait_for_receipt(self.submit(signer, data), timeout_s=timeout_s)
