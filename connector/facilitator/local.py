@@ -17,6 +17,7 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 
 from connector.chain.client import ChainClient, Receipt, RpcError
+from connector.facilitator.auth_capture import AuthCaptureFacilitator
 from connector.logs import get_logger
 from connector.x402 import exact_evm as exact
 from connector.x402 import fields as f
@@ -76,6 +77,19 @@ class LocalFacilitator:
         # Blocks a receipt needs (its own included) before a settle answers success; until then
         # the answer is settlement_pending with the transaction hash.
         self.confirmations = max(1, confirmations)
+        # Further schemes by name (handlers with kinds()/verify()/settle()); authCapture by default.
+        self.scheme_handlers: dict[str, Any] = {}
+        self.register_scheme(AuthCaptureFacilitator(chain, gas_key, network=network, assets=assets))
+
+    def register_scheme(self, handler: Any) -> None:
+        """Route requests whose requirements name one of ``handler.schemes`` to ``handler``."""
+        for name in handler.schemes:
+            self.scheme_handlers[name] = handler
+
+    def _handler_for(self, body: Any) -> Any:
+        requirements = body.get("paymentRequirements") if isinstance(body, dict) else None
+        scheme = requirements.get("scheme") if isinstance(requirements, dict) else None
+        return self.scheme_handlers.get(scheme) if isinstance(scheme, str) else None
 
     # ------------------------------------------------------------------ parsing
 
@@ -88,10 +102,12 @@ class LocalFacilitator:
         return _Parsed(payment.version, payment, requirement)
 
     def supported(self) -> dict[str, Any]:
+        extra_kinds = [k for h in dict.fromkeys(self.scheme_handlers.values()) for k in h.kinds()]
         return {
             "kinds": [
                 {"x402Version": 2, "scheme": "exact", "network": self.network},
                 {"x402Version": 1, "scheme": "exact", "network": to_v1_name(self.network)},
+                *extra_kinds,
             ],
             "extensions": [],
             "signers": {"eip155:*": [self.gas_key.address]},
@@ -119,6 +135,9 @@ class LocalFacilitator:
 
     def verify(self, body: Any) -> dict[str, Any]:
         """Raises :class:`MalformedPayment` for a malformed request (HTTP 400)."""
+        handler = self._handler_for(body)
+        if handler is not None:
+            return dict(handler.verify(body))
         return self._verify_parsed(self._parse(body)).to_wire()
 
     # ------------------------------------------------------------------ settle
@@ -145,6 +164,9 @@ class LocalFacilitator:
         )
 
     def settle(self, body: Any) -> dict[str, Any]:
+        handler = self._handler_for(body)
+        if handler is not None:
+            return dict(handler.settle(body))
         parsed = self._parse(body)
         auth = parsed.payment.payload.authorization
         key = (parsed.requirement.asset.lower(), auth.from_.lower(), auth.nonce)
