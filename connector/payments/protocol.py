@@ -17,7 +17,7 @@ from connector.payments.context import ConnectionContext
 from connector.payments.http_fetch import Fetched, HttpFetcher
 from connector.runtime import Runtime
 from connector.storage.models.payments import Payment
-from connector.x402 import codec
+from connector.x402 import auth_capture, codec
 from connector.x402.codec import IncomingPayment, PaymentOffer
 from connector.x402.errors import ProtocolError
 from connector.x402.exact_evm import SigningKey, sign_exact
@@ -78,8 +78,8 @@ def choose_requirement(
     options = [Chosen(r, raw) for r, raw in zip(offer.accepts, offer.raw_accepts, strict=True)]
     for option in options:
         req = option.requirement
-        if req.scheme != "exact":
-            reasons.append(f"{req.network}: scheme {req.scheme} unsupported")
+        if req.scheme != "exact" and (problem := _auth_capture_problem(req, offer.version)):
+            reasons.append(f"{req.network}: {problem}")
         elif wanted_network and req.network != wanted_network:
             reasons.append(f"{req.network}: not the requested network")
         elif not wanted_network and req.network != ctx.network and not ctx.policy.allowed_networks:
@@ -96,6 +96,22 @@ def choose_requirement(
     return cheapest, PolicyRefused(
         "no payment option is acceptable: " + "; ".join(reasons), rule="no_acceptable_offer"
     )
+
+
+def _auth_capture_problem(req: Requirement, version: int) -> str | None:
+    """Why we cannot pay this ``authCapture`` option (None: we can). Non-escrow schemes get the
+    generic refusal."""
+    if not auth_capture.is_auth_capture(req):
+        return f"scheme {req.scheme} unsupported"
+    if version != 2:
+        return "authCapture needs x402 v2"
+    try:
+        extra = auth_capture.parse_extra(req.extra)
+    except auth_capture.AuthCaptureInvalid as exc:
+        return f"authCapture offer refused ({exc.reason}): {exc.detail}"
+    if extra.asset_transfer_method != "eip3009":
+        return "authCapture via permit2 is not implemented"
+    return None
 
 
 def asset_for(
@@ -220,6 +236,8 @@ def sign_payment(
     *,
     accepted_raw: dict[str, Any] | None = None,
 ) -> Signed:
+    if auth_capture.is_auth_capture(requirement):
+        return _sign_auth_capture(account, requirement, resource, accepted_raw)
     signed = sign_exact(account, requirement)
     wire = codec.build_payment_payload(
         signed.payload, requirement, version, accepted_raw=accepted_raw, resource=resource
@@ -228,6 +246,31 @@ def sign_payment(
         wire=wire,
         nonce=signed.nonce,
         valid_before=deadline_from_epoch(signed.valid_before),
+        payer=account.address,
+    )
+
+
+def _sign_auth_capture(
+    account: SigningKey,
+    requirement: Requirement,
+    resource: dict[str, Any] | None,
+    accepted_raw: dict[str, Any] | None,
+) -> Signed:
+    """An ``authCapture`` payment (v2 only): the signed ``ReceiveWithAuthorization`` to the
+    canonical collector plus the terms it commits to (``paymentInfo``), which the payer keeps so it
+    can ``reclaim`` alone after the capture deadline."""
+    client_payload, info = auth_capture.sign_auth_capture(account, requirement)
+    wire: dict[str, Any] = {
+        "x402Version": 2,
+        "accepted": accepted_raw if accepted_raw is not None else requirement.to_v2(),
+        "payload": {**client_payload.to_wire(), "paymentInfo": info.to_wire()},
+    }
+    if resource is not None:
+        wire["resource"] = resource
+    return Signed(
+        wire=wire,
+        nonce=client_payload.authorization.nonce,
+        valid_before=datetime.fromtimestamp(client_payload.authorization.valid_before, UTC),
         payer=account.address,
     )
 
