@@ -54,6 +54,23 @@ class EscrowClient:
         )
         return "0x" + raw[-40:]
 
+    def history(self, info: ac.PaymentInfo, *, from_block: int = 0) -> list[ac.EscrowEvent]:
+        """Every escrow event of this payment, in chain order — including operations done
+        outside the connector (a payer's ``reclaim``, another operator client's capture)."""
+        logs = self.client.rpc(
+            "eth_getLogs",
+            [
+                {
+                    "address": self.escrow,
+                    "fromBlock": hex(from_block),
+                    "toBlock": "latest",
+                    "topics": [list(ac.EVENT_TOPICS), "0x" + self.payment_hash(info).hex()],
+                }
+            ],
+        )
+        events = [e for e in (ac.decode_escrow_log(log) for log in logs or []) if e is not None]
+        return sorted(events, key=lambda e: (e.block_number, e.log_index))
+
     def simulate(self, sender: str, data: str) -> Simulation:
         ok, returned = self.client.try_call(self.escrow, data, sender=sender)
         if ok:

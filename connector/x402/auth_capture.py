@@ -714,3 +714,91 @@ def decode_revert(data: bytes | None) -> tuple[str | None, str]:
         name, reason = ESCROW_ERRORS[data[:4]]
         return name, reason
     return None, SIMULATION_FAILED
+
+
+# ----------------------------------------------------------------------------- escrow events
+
+_EVENT_SIGNATURES = {
+    "PaymentAuthorized": f"PaymentAuthorized(bytes32,{_P},uint256,address)",
+    "PaymentCharged": f"PaymentCharged(bytes32,{_P},uint256,address,uint16,address)",
+    "PaymentCaptured": "PaymentCaptured(bytes32,uint256,uint16,address)",
+    "PaymentVoided": "PaymentVoided(bytes32,uint256)",
+    "PaymentReclaimed": "PaymentReclaimed(bytes32,uint256)",
+    "PaymentRefunded": "PaymentRefunded(bytes32,uint256,address)",
+}
+EVENT_TOPICS: dict[str, str] = {
+    "0x" + keccak(text=sig).hex(): name for name, sig in _EVENT_SIGNATURES.items()
+}
+#: Escrow event → the connector event it corresponds to (funds in escrow = ``payment.authorized``).
+CONNECTOR_EVENTS = {
+    "PaymentAuthorized": "payment.authorized",
+    "PaymentCharged": "payment.charged",
+    "PaymentCaptured": "payment.captured",
+    "PaymentVoided": "payment.voided",
+    "PaymentReclaimed": "payment.reclaimed",
+    "PaymentRefunded": "payment.refunded",
+}
+
+
+@dataclass(frozen=True)
+class EscrowEvent:
+    name: str
+    amount: int
+    tx_hash: str
+    block_number: int
+    log_index: int
+    fee_bps: int = 0
+    fee_receiver: str | None = None
+
+    @property
+    def connector_event(self) -> str:
+        return CONNECTOR_EVENTS[self.name]
+
+
+def decode_escrow_log(log: dict[str, Any]) -> EscrowEvent | None:
+    """One escrow log → :class:`EscrowEvent` (None for logs that are not payment events)."""
+    topics = log.get("topics") or []
+    name = EVENT_TOPICS.get(str(topics[0]).lower()) if topics else None
+    if name is None:
+        return None
+    data = bytes.fromhex(str(log.get("data", "0x"))[2:])
+    fee_bps, fee_receiver = 0, None
+    if name == "PaymentAuthorized":
+        _, amount, _ = decode([_P, "uint256", "address"], data)
+    elif name == "PaymentCharged":
+        _, amount, _, fee_bps, fee_receiver = decode(
+            [_P, "uint256", "address", "uint16", "address"], data
+        )
+    elif name == "PaymentCaptured":
+        amount, fee_bps, fee_receiver = decode(["uint256", "uint16", "address"], data)
+    elif name == "PaymentRefunded":
+        amount, _ = decode(["uint256", "address"], data)
+    else:
+        (amount,) = decode(["uint256"], data)
+    return EscrowEvent(
+        name=name,
+        amount=int(amount),
+        tx_hash=str(log.get("transactionHash")),
+        block_number=int(str(log.get("blockNumber", "0x0")), 16),
+        log_index=int(str(log.get("logIndex", "0x0")), 16),
+        fee_bps=int(fee_bps),
+        fee_receiver=None if fee_receiver is None else str(to_checksum_address(fee_receiver)),
+    )
+
+
+def state_from_events(events: list[EscrowEvent]) -> EscrowState:
+    """Replay a payment's events into the state the escrow must report (a reconciliation check:
+    it equals ``paymentState`` when no event was missed)."""
+    collected, capturable, refundable = False, 0, 0
+    for event in events:
+        if event.name == "PaymentAuthorized":
+            collected, capturable = True, capturable + event.amount
+        elif event.name == "PaymentCharged":
+            collected, refundable = True, refundable + event.amount
+        elif event.name == "PaymentCaptured":
+            capturable, refundable = capturable - event.amount, refundable + event.amount
+        elif event.name in ("PaymentVoided", "PaymentReclaimed"):
+            capturable -= event.amount
+        elif event.name == "PaymentRefunded":
+            refundable -= event.amount
+    return EscrowState(collected, capturable, refundable)

@@ -122,6 +122,20 @@ def test_authorize_capture_twice_refund_part_void_rest(
     ]
     assert chain_client.token_balance(chain.token, store) == 0
 
+    # the escrow's logs replay to the same state (what reconciliation relies on)
+    history = escrow.history(info)
+    assert [(e.name, e.amount) for e in history] == [
+        ("PaymentAuthorized", 1_000_000),
+        ("PaymentCaptured", 300_000),
+        ("PaymentCaptured", 200_000),
+        ("PaymentRefunded", 120_000),
+        ("PaymentVoided", 500_000),
+    ]
+    assert [e.fee_bps for e in history[1:3]] == [250, 100]
+    assert {e.fee_receiver for e in history[1:3]} == {p.fees.address}
+    assert ac.state_from_events(history) == escrow.state(info)
+    assert history[-1].connector_event == "payment.voided"
+
     # nothing left to void; the same signature cannot authorize twice
     assert escrow.simulate(p.operator.address, ac.void_data(info)).reason == "zero_authorization"
     again = ac.authorize_data(info, 1_000_000, dep.eip3009_collector, sig)
@@ -149,6 +163,8 @@ def test_charge_pays_out_at_once_and_returns_the_unused_maximum(
         before[2] + fee,
     ]
     assert escrow.state(info) == ac.EscrowState(True, 0, 333_333)
+    (charged,) = escrow.history(info)
+    assert (charged.name, charged.amount, charged.fee_bps) == ("PaymentCharged", 333_333, 750)
     assert chain_client.token_balance(chain.token, dep.eip3009_collector) == 0
 
 
@@ -179,6 +195,13 @@ def test_reclaim_by_the_payer_only_after_the_capture_deadline(
     assert escrow.execute(p.payer, ac.reclaim_data(info)).status == 1
     assert chain_client.token_balance(chain.token, p.payer.address) == held_payer + 400_000
     assert escrow.state(info) == ac.EscrowState(True, 0, 0)
+    # a reclaim done by the payer alone shows up in the payment's history
+    history = escrow.history(info)
+    assert [(e.connector_event, e.amount) for e in history] == [
+        ("payment.authorized", 400_000),
+        ("payment.reclaimed", 400_000),
+    ]
+    assert ac.state_from_events(history) == escrow.state(info)
 
 
 def test_refund_after_the_refund_deadline_is_refused_and_moves_nothing(
