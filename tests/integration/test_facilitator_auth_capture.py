@@ -341,3 +341,24 @@ def test_malformed_envelope_is_http_400(facilitator_url: str) -> None:
     )
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_racing_captures_of_the_last_held_amount_settle_once(
+    s: Setup, local_facilitator: LocalFacilitator
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    req = s.req()
+    inner = {**s.signed(req), "type": "authorize"}
+    assert local_facilitator.settle(body(req, inner))["success"] is True
+    capture = {"type": "capture", "paymentInfo": inner["paymentInfo"], "amount": "1000000"}
+    receiver_before = s.balance(s.receiver.address)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: local_facilitator.settle(body(req, capture)), range(4)))
+    assert sum(1 for r in results if r["success"]) == 1, results
+    # the losers were stopped before broadcasting (serialized per payment), not reverted on-chain
+    assert {r.get("errorReason") for r in results if not r["success"]} == {
+        ac.INVALID_OPERATION_STATE
+    }
+    assert all(r["transaction"] == "" for r in results if not r["success"])
+    assert s.balance(s.receiver.address) == receiver_before + 1_000_000
