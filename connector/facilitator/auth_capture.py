@@ -165,6 +165,7 @@ class AuthCaptureFacilitator:
         self, inner: dict[str, Any], req: Requirement, accepted: Requirement, now: int | None
     ) -> Operation:
         now = int(time.time()) if now is None else now
+        inner = _with_default_type(inner, req)
         # 1. type guard and the fields each type needs
         op_type = inner.get("type")
         if op_type not in ac.OPERATIONS:
@@ -452,6 +453,22 @@ class AuthCaptureFacilitator:
             "operation": op.type,
             "paymentInfo": op.info.to_wire(),
         }
+
+
+def _with_default_type(inner: dict[str, Any], req: Requirement) -> dict[str, Any]:
+    """A payload without ``type`` (the spec's earlier form, and what a client sends) is a
+    collection: ``charge`` when ``extra.autoCapture`` is true (full amount, the minimum fee to the
+    committed fee recipient), else ``authorize``."""
+    if "type" in inner or ("authorization" not in inner and "permit2Authorization" not in inner):
+        return inner
+    if req.extra.get("autoCapture") is not True:
+        return {**inner, "type": "authorize"}
+    capture = {
+        "amount": str(req.amount),
+        "feeBps": req.extra.get("minFeeBps", 0),
+        "feeRecipient": req.extra.get("feeRecipient", ac.ZERO_ADDRESS),
+    }
+    return {**inner, "type": "charge", "capture": capture}
 
 
 def replace_expiry(info: ac.PaymentInfo, pre_approval_expiry: int) -> ac.PaymentInfo:

@@ -362,3 +362,24 @@ def test_racing_captures_of_the_last_held_amount_settle_once(
     }
     assert all(r["transaction"] == "" for r in results if not r["success"])
     assert s.balance(s.receiver.address) == receiver_before + 1_000_000
+
+
+@pytest.mark.parametrize("auto_capture", [False, True])
+def test_payload_without_type_follows_auto_capture(
+    s: Setup, local_facilitator: LocalFacilitator, auto_capture: bool
+) -> None:
+    """The spec's earlier form: no ``type``; ``extra.autoCapture`` picks charge or authorize."""
+    base = s.req(fee_recipient=s.fees.address, min_fee_bps=100, max_fee_bps=100)
+    req = Requirement(**{**base.__dict__, "extra": {**base.extra, "autoCapture": auto_capture}})
+    payload, info = ac.sign_auth_capture(s.payer, req, now=s.now)
+    receiver_before = s.balance(s.receiver.address)
+    result = local_facilitator.settle(body(req, payload.to_wire()))
+    assert result["success"] is True, result
+    assert result["operation"] == ("charge" if auto_capture else "authorize")
+    state = EscrowClient(s.client).state(info)
+    if auto_capture:
+        assert state == ac.EscrowState(True, 0, 1_000_000)
+        assert s.balance(s.receiver.address) == receiver_before + 990_000
+    else:
+        assert state == ac.EscrowState(True, 1_000_000, 0)
+        assert s.balance(s.receiver.address) == receiver_before
