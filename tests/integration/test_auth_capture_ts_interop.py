@@ -130,3 +130,32 @@ def test_ts_and_python_clients_derive_the_same_nonce_for_the_same_salt(
     )
     assert ours.authorization == ts.authorization
     assert ours.signature == ts.signature  # RFC 6979: same key and digest → same signature
+
+
+def test_ts_client_payload_settles_through_our_facilitator(
+    chain: DevChainInfo,
+    chain_client: ChainClient,
+    accounts: list[LocalAccount],
+    facilitator_url: str,
+) -> None:
+    """The TS client's payload as a resource server forwards it (no ``type``, no ``paymentInfo``):
+    our facilitator rebuilds the terms, verifies and authorizes into the escrow."""
+    import httpx
+
+    payer, receiver = accounts[1], accounts[3]
+    operator = accounts[19]  # the session facilitator's gas key
+    now = chain_client.latest_block_timestamp()
+    req = requirement(chain, operator=operator.address, pay_to=receiver.address, now=now)
+    out = ts_sign(payer, req.to_v2())
+    body = {
+        "paymentPayload": {"x402Version": 2, "accepted": req.to_v2(), "payload": out["payload"]},
+        "paymentRequirements": req.to_v2(),
+    }
+    verdict = httpx.post(f"{facilitator_url}/verify", json=body, timeout=30).json()
+    assert verdict == {"isValid": True, "payer": payer.address}
+    before = chain_client.token_balance(chain.token, payer.address)
+    settled = httpx.post(f"{facilitator_url}/settle", json=body, timeout=60).json()
+    assert settled["success"] is True and settled["operation"] == "authorize", settled
+    assert chain_client.token_balance(chain.token, payer.address) == before - req.amount
+    info = ac.payment_info_from_wire(settled["paymentInfo"])
+    assert EscrowClient(chain_client).state(info) == ac.EscrowState(True, req.amount, 0)

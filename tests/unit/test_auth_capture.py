@@ -10,6 +10,8 @@ import pytest
 from eth_abi.abi import encode
 from eth_account import Account
 from eth_utils.crypto import keccak
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.x402 import auth_capture as ac
 from connector.x402.requirement import Requirement
@@ -67,11 +69,15 @@ def test_extra_defaults_and_deployment_choice() -> None:
 
 
 def test_typehash_is_the_canonical_struct_string() -> None:
-    assert keccak(
-        b"PaymentInfo(address operator,address payer,address receiver,address token,"
-        b"uint120 maxAmount,uint48 preApprovalExpiry,uint48 authorizationExpiry,"
-        b"uint48 refundExpiry,uint16 minFeeBps,uint16 maxFeeBps,address feeReceiver,uint256 salt)"
-    ) == ac.PAYMENT_INFO_TYPEHASH
+    assert (
+        keccak(
+            b"PaymentInfo(address operator,address payer,address receiver,address token,"
+            b"uint120 maxAmount,uint48 preApprovalExpiry,uint48 authorizationExpiry,"
+            b"uint48 refundExpiry,uint16 minFeeBps,uint16 maxFeeBps,address feeReceiver,"
+            b"uint256 salt)"
+        )
+        == ac.PAYMENT_INFO_TYPEHASH
+    )
 
 
 def test_payment_info_wire_round_trip_and_hash_sensitivity() -> None:
@@ -109,3 +115,33 @@ def test_escrow_reverts_decode_to_stable_reasons() -> None:
     )
     assert ac.decode_revert(b"\x08\xc3\x79\xa0junk") == (None, ac.SIMULATION_FAILED)
     assert ac.decode_revert(None) == (None, ac.SIMULATION_FAILED)
+
+
+_FIELDS = [f for f in ac.PaymentInfo.__dataclass_fields__ if f != "payer"]
+_BITS = {"max_amount": 120, "pre_approval_expiry": 48, "authorization_expiry": 48,
+         "refund_expiry": 48, "min_fee_bps": 16, "max_fee_bps": 16, "salt": 256}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(_FIELDS), seed=st.integers(min_value=1, max_value=2**64))
+def test_every_term_but_the_payer_is_bound_into_the_nonce(field: str, seed: int) -> None:
+    """Changing any signed term changes the nonce (so a signature cannot be reused for other
+    terms); changing only the payer does not (the nonce is payer-agnostic)."""
+    info = ac.PaymentInfo(OPERATOR, RECEIVER, RECEIVER, TOKEN, 10**6, 100, 200, 300, 0, 100,
+                          OPERATOR, 42)  # fmt: skip
+    if field in _BITS:
+        value: Any = (getattr(info, field) + seed) % 2 ** _BITS[field]
+        if value == getattr(info, field):
+            value = (value + 1) % 2 ** _BITS[field]
+    else:
+        value = Account.create(str(seed)).address
+    changed = ac.PaymentInfo(**{**info.__dict__, field: value})
+    nonce = ac.payer_agnostic_nonce(info, chain_id=8453, escrow=ac.DEPLOYMENT_V1_1.escrow)
+    assert (
+        ac.payer_agnostic_nonce(changed, chain_id=8453, escrow=ac.DEPLOYMENT_V1_1.escrow) != nonce
+    )
+    other_payer = ac.PaymentInfo(**{**info.__dict__, "payer": Account.create(str(seed)).address})
+    assert (
+        ac.payer_agnostic_nonce(other_payer, chain_id=8453, escrow=ac.DEPLOYMENT_V1_1.escrow)
+        == nonce
+    )
