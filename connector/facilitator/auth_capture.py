@@ -64,7 +64,7 @@ class Invalid(Exception):
 def _int(value: Any, bits: int, what: str) -> int:
     if isinstance(value, bool):
         raise Invalid(ac.INVALID_PAYLOAD_FORMAT, f"{what} must be an integer")
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdigit() and len(value) <= 78:
         value = int(value)
     if not isinstance(value, int) or not 0 <= value < 2**bits:
         raise Invalid(ac.INVALID_PAYLOAD_FORMAT, f"{what} must be a uint{bits}")

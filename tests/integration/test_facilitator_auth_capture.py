@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from connector.chain import ChainClient
 from connector.chain.abi import MINT, call_data
@@ -24,6 +26,7 @@ from connector.devchain.deploy import DevChainInfo
 from connector.facilitator.local import LocalFacilitator
 from connector.x402 import auth_capture as ac
 from connector.x402 import exact_evm
+from connector.x402.errors import ProtocolError
 from connector.x402.requirement import Requirement
 from tests.fixtures.escrow import approve, requirement
 
@@ -383,3 +386,72 @@ def test_payload_without_type_follows_auto_capture(
     else:
         assert state == ac.EscrowState(True, 1_000_000, 0)
         assert s.balance(s.receiver.address) == receiver_before
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**300), max_value=2**300),
+    st.text(max_size=12),
+    st.sampled_from(["9" * 5000, "0x" + "f" * 70, "0x" + "0" * 40, "-1", "1e9", "0x"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_PATHS = [
+    "type", "signature", "salt", "saltNonce", "authorization", "authorization.from",
+    "authorization.to", "authorization.value", "authorization.validAfter",
+    "authorization.validBefore", "authorization.nonce", "paymentInfo", "paymentInfo.payer",
+    "paymentInfo.maxAmount", "paymentInfo.salt", "paymentInfo.refundExpiry", "capture",
+    "capture.amount", "capture.feeBps", "capture.feeRecipient", "amount", "feeBps",
+    "feeRecipient", "serverAuthorization",
+]  # fmt: skip
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    op=st.sampled_from(ac.OPERATIONS),
+    edits=st.lists(st.tuples(st.sampled_from(_PATHS), _JUNK), min_size=1, max_size=3),
+)
+def test_hostile_payloads_get_a_reason_never_a_crash(
+    devchain: DevChainInfo,
+    chain_client: ChainClient,
+    accounts: list[LocalAccount],
+    local_facilitator: LocalFacilitator,
+    op: str,
+    edits: list[tuple[str, Any]],
+) -> None:
+    s = Setup(devchain, chain_client, accounts)
+    req = s.req()
+    inner: dict[str, Any] = {**s.signed(req), "type": op, "capture": {"amount": "1"}}
+    for path, value in edits:
+        node: Any = inner
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[leaf] = value
+    try:
+        verdict = local_facilitator.verify(body(req, inner))
+    except ProtocolError:
+        return  # a malformed envelope: HTTP 400 at the edge
+    assert isinstance(verdict["isValid"], bool)
+    if not verdict["isValid"]:
+        assert isinstance(verdict["invalidReason"], str) and verdict["invalidReason"]
+
+
+@pytest.mark.parametrize("field", ["amount", "feeBps"])
+def test_a_huge_number_string_is_a_format_error_not_a_crash(
+    s: Setup, local_facilitator: LocalFacilitator, field: str
+) -> None:
+    """Regression: int() of a >4300-digit string raises ValueError in Python 3.11."""
+    req = s.req()
+    inner = {**s.signed(req), "type": "authorize"}
+    assert local_facilitator.settle(body(req, inner))["success"] is True
+    capture = {
+        "type": "capture",
+        "paymentInfo": inner["paymentInfo"],
+        "amount": "1",
+        field: "9" * 5000,
+    }
+    verdict = local_facilitator.verify(body(req, capture))
+    assert verdict["invalidReason"] == ac.INVALID_PAYLOAD_FORMAT
