@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_abi.abi import encode
+from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 
@@ -277,7 +278,11 @@ class AuthCaptureFacilitator:
         if collects:
             if state.has_collected_payment:
                 raise Invalid(ac.INVALID_OPERATION_STATE, "payment already collected")
-            if self.chain.token_balance(req.asset, info.payer) < req.amount:
+            try:
+                balance = self.chain.token_balance(req.asset, info.payer)
+            except DecodingError:  # no ERC-20 answers at that address
+                raise Invalid(ac.TOKEN_MISMATCH, "asset is not a token") from None
+            if balance < req.amount:
                 raise Invalid(ac.INSUFFICIENT_BALANCE)
         elif op_type == "capture" and state.capturable_amount < op.amount:
             raise Invalid(ac.INVALID_OPERATION_STATE, "not enough held to capture")

@@ -455,3 +455,15 @@ def test_a_huge_number_string_is_a_format_error_not_a_crash(
     }
     verdict = local_facilitator.verify(body(req, capture))
     assert verdict["invalidReason"] == ac.INVALID_PAYLOAD_FORMAT
+
+
+def test_an_asset_that_is_not_a_token_is_refused_cleanly(
+    s: Setup, chain_client: ChainClient, accounts: list[LocalAccount]
+) -> None:
+    from connector.facilitator.auth_capture import AuthCaptureFacilitator
+
+    open_facilitator = AuthCaptureFacilitator(chain_client, s.operator, network=s.chain.network)
+    base = s.req()
+    req = Requirement(**{**base.__dict__, "asset": accounts[6].address})  # an EOA, no code
+    verdict = open_facilitator.verify(body(req, {**s.signed(req), "type": "authorize"}))
+    assert verdict["invalidReason"] == ac.TOKEN_MISMATCH
