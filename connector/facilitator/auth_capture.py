@@ -40,6 +40,8 @@ from connector.x402.requirement import Requirement, requirement_from_wire
 log = get_logger(__name__)
 
 SETTLEMENT_PENDING = "settlement_pending"
+#: Not a spec code: the canonical contracts are not on this chain.
+ESCROW_NOT_DEPLOYED = "escrow_not_deployed"
 _EIP1271_MAGIC = bytes.fromhex("1626ba7e")
 _IS_VALID_SIGNATURE = bytes.fromhex("1626ba7e")  # isValidSignature(bytes32,bytes)
 
@@ -103,6 +105,21 @@ class AuthCaptureFacilitator:
         self.receipt_timeout_s = receipt_timeout_s
         self._locks_guard = threading.Lock()
         self._locks: dict[bytes, threading.Lock] = {}
+        self._deployed: set[str] = set()
+
+    def _escrow_deployed(self, deployment: ac.Deployment) -> bool:
+        """Code at the escrow and its collectors (a positive answer is cached: contracts stay)."""
+        if deployment.escrow in self._deployed:
+            return True
+        for address in (
+            deployment.escrow,
+            deployment.eip3009_collector,
+            deployment.operator_refund_collector,
+        ):
+            if len(self.chain.rpc("eth_getCode", [address, "latest"]) or "0x") <= 2:
+                return False
+        self._deployed.add(deployment.escrow)
+        return True
 
     def kinds(self) -> list[dict[str, Any]]:
         return [{"x402Version": 2, "scheme": ac.SCHEME, "network": self.network}]
@@ -272,6 +289,9 @@ class AuthCaptureFacilitator:
             if auth.nonce.lower() != payment_nonce.lower():
                 raise Invalid(ac.NONCE_MISMATCH)
         op = self._operation(op_type, inner, req, extra, info, client)
+        # Without code at the escrow address every call "succeeds" doing nothing: never report that.
+        if not self._escrow_deployed(deployment):
+            raise Invalid(ESCROW_NOT_DEPLOYED, f"no escrow code at {deployment.escrow}")
         # 15. operation against the on-chain state
         escrow = EscrowClient(self.chain, deployment)
         state = escrow.state(info)

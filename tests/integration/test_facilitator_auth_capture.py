@@ -467,3 +467,20 @@ def test_an_asset_that_is_not_a_token_is_refused_cleanly(
     req = Requirement(**{**base.__dict__, "asset": accounts[6].address})  # an EOA, no code
     verdict = open_facilitator.verify(body(req, {**s.signed(req), "type": "authorize"}))
     assert verdict["invalidReason"] == ac.TOKEN_MISMATCH
+
+
+def test_a_chain_without_the_escrow_is_refused_not_reported_as_settled(
+    s: Setup, local_facilitator: LocalFacilitator
+) -> None:
+    """A call to an address without code succeeds doing nothing; the facilitator must notice."""
+    from connector.facilitator.auth_capture import ESCROW_NOT_DEPLOYED, AuthCaptureFacilitator
+
+    req = s.req()
+    inner = {**s.signed(req), "type": "authorize"}
+    fresh = AuthCaptureFacilitator(s.client, s.operator, network=s.chain.network)
+    s.client.rpc("anvil_setCode", [ac.DEFAULT_DEPLOYMENT.escrow, "0x"])  # reverted by `chain`
+    payer_before = s.balance(s.payer.address)
+    assert fresh.verify(body(req, inner))["invalidReason"] == ESCROW_NOT_DEPLOYED
+    settled = fresh.settle(body(req, inner))
+    assert settled["success"] is False and settled["transaction"] == ""
+    assert s.balance(s.payer.address) == payer_before
