@@ -4,10 +4,10 @@ The TS client picks its own salt and clock, so the test rebuilds the terms from 
 (payer, salt, validBefore = preApprovalExpiry) and checks that our nonce derivation, our digest
 and our escrow agree with it — then lets our escrow authorize with its signature on anvil.
 
-Needs Node, the unpacked ``@x402/evm`` package and ``viem``: set ``X402C_X402_EVM_CLIENT`` (path to
-``dist/cjs/auth-capture/client/index.js``) and ``X402C_TS_NODE_PATH`` (a ``node_modules`` holding
-viem), e.g. ``npm install viem@2.48.11`` in a scratch directory. Skipped with the reason if
-absent.
+Needs Node and the pinned ``@x402/evm`` + ``viem``: ``scripts/setup_ts_interop.sh`` installs them
+into ``.devtools/ts-interop``; or point ``X402C_X402_EVM_CLIENT`` (the client's
+``dist/cjs/auth-capture/client/index.js``) and ``X402C_TS_NODE_PATH`` (a ``node_modules`` with
+viem) elsewhere. Skipped, with the reason, when absent.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from tests.fixtures.escrow import requirement
 
 pytestmark = pytest.mark.chain
 HELPER = Path(__file__).parents[1] / "helpers" / "ts_auth_capture_sign.js"
+_LOCAL = Path(__file__).parents[2] / ".devtools" / "ts-interop" / "node_modules"
 CLIENT = Path(
     os.environ.get(
-        "X402C_X402_EVM_CLIENT", "/tmp/x402evm/package/dist/cjs/auth-capture/client/index.js"
+        "X402C_X402_EVM_CLIENT",
+        str(_LOCAL / "@x402" / "evm" / "dist" / "cjs" / "auth-capture" / "client" / "index.js"),
     )
 )
-NODE_PATH = Path(os.environ.get("X402C_TS_NODE_PATH", "/tmp/h9-tsinterop/node_modules"))
+NODE_PATH = Path(os.environ.get("X402C_TS_NODE_PATH", str(_LOCAL)))
 
 
 def ts_sign(account: LocalAccount, wire_requirement: dict[str, Any]) -> dict[str, Any]:
