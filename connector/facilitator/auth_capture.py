@@ -106,6 +106,7 @@ class AuthCaptureFacilitator:
         self._locks_guard = threading.Lock()
         self._locks: dict[bytes, threading.Lock] = {}
         self._deployed: set[str] = set()
+        self._looked_at = float("-inf")
 
     def _escrow_deployed(self, deployment: ac.Deployment) -> bool:
         """Code at the escrow and its collectors (a positive answer is cached: contracts stay)."""
@@ -122,7 +123,19 @@ class AuthCaptureFacilitator:
         return True
 
     def kinds(self) -> list[dict[str, Any]]:
-        return [{"x402Version": 2, "scheme": ac.SCHEME, "network": self.network}]
+        """Advertised only where a known escrow deployment has code: the canonical addresses are
+        the same everywhere, but the contracts are not on every chain. A failed or negative look
+        is repeated at most once a minute (``/supported`` must stay cheap and never fail)."""
+        now = time.monotonic()
+        if not self._deployed and now - self._looked_at < 60.0:
+            return []
+        self._looked_at = now
+        try:
+            present = any(self._escrow_deployed(d) for d in ac.DEPLOYMENTS)
+        except Exception as exc:  # an unreachable node: just do not advertise this time
+            log.warning("authCapture escrow check failed", extra={"error": str(exc)[:200]})
+            present = False
+        return [{"x402Version": 2, "scheme": ac.SCHEME, "network": self.network}] if present else []
 
     # ------------------------------------------------------------------ parsing
 

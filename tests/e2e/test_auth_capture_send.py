@@ -21,7 +21,7 @@ from api.stack import Stack
 from connector.chain import ChainClient
 from connector.chain.auth_capture import EscrowClient
 from connector.x402 import auth_capture as ac
-from tests.fixtures.escrow import requirement
+from tests.fixtures.escrow import requirement, wall_now
 from tests.fixtures.servers import LiveServer
 from tests.fixtures.stack import Agent, make_agent
 
@@ -57,7 +57,7 @@ def test_our_send_pays_into_escrow_and_the_seller_captures_part(stack: Stack) ->
     buyer: Agent = make_agent(stack, stack.accounts[8])
     seller, operator = stack.accounts[13], stack.accounts[19]  # 19: the facilitator's gas key
     chain = ChainClient(stack.chain.rpc_url)
-    now = chain.latest_block_timestamp()
+    now = wall_now()
     req = requirement(
         stack.chain, operator=operator.address, pay_to=seller.address, now=now, amount=40_000
     )
@@ -100,7 +100,7 @@ def test_our_send_pays_into_escrow_and_the_seller_captures_part(stack: Stack) ->
 def test_send_refuses_an_auth_capture_offer_it_cannot_honour(stack: Stack) -> None:
     buyer = make_agent(stack, stack.accounts[8])
     chain = ChainClient(stack.chain.rpc_url)
-    now = chain.latest_block_timestamp()
+    now = wall_now()
     chain.close()
     req = requirement(
         stack.chain,

@@ -13,7 +13,7 @@ from connector.chain import ChainClient
 from connector.chain.auth_capture import EscrowClient
 from connector.devchain.deploy import DevChainInfo
 from connector.x402 import auth_capture as ac
-from tests.fixtures.escrow import approve, requirement, travel
+from tests.fixtures.escrow import approve, chain_now, requirement, travel
 
 pytestmark = pytest.mark.chain
 
@@ -39,7 +39,7 @@ def balances(client: ChainClient, chain: DevChainInfo, *who: str) -> list[int]:
 def signed_terms(
     chain: DevChainInfo, client: ChainClient, p: Parties, **kw: object
 ) -> tuple[ac.PaymentInfo, bytes, ac.Deployment]:
-    now = client.latest_block_timestamp()
+    now = chain_now(client)
     req = requirement(
         chain,
         operator=p.operator.address,

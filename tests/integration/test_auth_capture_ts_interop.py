@@ -27,7 +27,7 @@ from connector.chain.auth_capture import EscrowClient
 from connector.devchain.deploy import DevChainInfo
 from connector.x402 import auth_capture as ac
 from connector.x402 import exact_evm
-from tests.fixtures.escrow import requirement
+from tests.fixtures.escrow import requirement, wall_now
 
 pytestmark = pytest.mark.chain
 HELPER = Path(__file__).parents[1] / "helpers" / "ts_auth_capture_sign.js"
@@ -72,7 +72,7 @@ def test_ts_client_signature_is_accepted_by_our_hashing_and_our_escrow(
     deployment: ac.Deployment,
 ) -> None:
     payer, operator, receiver, fees = accounts[1], accounts[2], accounts[3], accounts[4]
-    now = chain_client.latest_block_timestamp()
+    now = wall_now()
     req = requirement(
         chain,
         operator=operator.address,
@@ -123,7 +123,7 @@ def test_ts_and_python_clients_derive_the_same_nonce_for_the_same_salt(
     chain: DevChainInfo, chain_client: ChainClient, accounts: list[LocalAccount]
 ) -> None:
     payer = accounts[1]
-    now = chain_client.latest_block_timestamp()
+    now = wall_now()
     req = requirement(chain, operator=accounts[2].address, pay_to=accounts[3].address, now=now)
     ts = ac.parse_client_payload(ts_sign(payer, req.to_v2())["payload"])
     # sign with the TS client's salt and clock: our whole payload must be byte-identical
@@ -146,7 +146,7 @@ def test_ts_client_payload_settles_through_our_facilitator(
 
     payer, receiver = accounts[1], accounts[3]
     operator = accounts[19]  # the session facilitator's gas key
-    now = chain_client.latest_block_timestamp()
+    now = wall_now()
     req = requirement(chain, operator=operator.address, pay_to=receiver.address, now=now)
     out = ts_sign(payer, req.to_v2())
     body = {

@@ -15,7 +15,7 @@ from connector.payments import escrow_onchain
 from connector.payments import protocol as proto
 from connector.storage.models.payments import Payment
 from connector.x402 import auth_capture as ac
-from tests.fixtures.escrow import requirement, travel
+from tests.fixtures.escrow import chain_now, requirement, travel
 
 pytestmark = pytest.mark.chain
 
@@ -24,7 +24,7 @@ def test_view_and_reclaim_from_the_stored_payload(
     chain: DevChainInfo, chain_client: ChainClient, accounts: list[LocalAccount]
 ) -> None:
     payer, operator, receiver = accounts[1], accounts[2], accounts[3]
-    now = chain_client.latest_block_timestamp()
+    now = chain_now(chain_client)
     req = requirement(
         chain,
         operator=operator.address,

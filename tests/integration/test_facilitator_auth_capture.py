@@ -28,7 +28,7 @@ from connector.x402 import auth_capture as ac
 from connector.x402 import exact_evm
 from connector.x402.errors import ProtocolError
 from connector.x402.requirement import Requirement
-from tests.fixtures.escrow import approve, requirement
+from tests.fixtures.escrow import approve, requirement, wall_now
 
 pytestmark = pytest.mark.chain
 
@@ -50,7 +50,7 @@ class Setup:
         self.chain, self.client = chain, client
         self.payer, self.receiver, self.fees = accounts[1], accounts[3], accounts[4]
         self.operator = accounts[19]  # the session facilitator's gas key
-        self.now = client.latest_block_timestamp()
+        self.now = wall_now()
 
     def req(self, **kw: Any) -> Requirement:
         kw.setdefault("operator", self.operator.address)
