@@ -117,3 +117,53 @@ def test_wrong_scheme_network_and_malleable_signatures() -> None:
         verify(dataclasses.replace(payload, signature=sig + b"\x00" * 10)).reason
         == exact.UNSUPPORTED_SIGNATURE
     )
+
+
+def test_fast_keccak_equals_eth_utils_keccak_for_all_lengths() -> None:
+    import os
+
+    from eth_utils.crypto import keccak
+
+    from connector.x402.keccak import FAST, keccak256
+
+    assert FAST  # the cffi path is in use here (else the bench measures the slow one)
+    for n in (*range(0, 300), 1000, 4096):
+        data = os.urandom(n)
+        assert keccak256(data) == keccak(data)
+
+
+def test_inline_verification_accepts_an_eth_account_typed_data_signature() -> None:
+    # The hot path assembles the EIP-712 digest inline: an authorization signed by eth-account's
+    # generic typed-data signer (not our digest code) must verify, and any field changed must not.
+    import secrets
+
+    from eth_account.messages import encode_typed_data
+
+    now = int(time.time())
+    auth = exact.Authorization(
+        from_=PAYER.address, to=REQ.pay_to, value=REQ.amount, valid_after=0,
+        valid_before=now + 300, nonce="0x" + secrets.token_hex(32),
+    )  # fmt: skip
+    message = encode_typed_data(
+        domain_data={
+            "name": "USDC", "version": "2", "chainId": 84532, "verifyingContract": REQ.asset
+        },
+        message_types={"TransferWithAuthorization": [
+            {"name": "from", "type": "address"}, {"name": "to", "type": "address"},
+            {"name": "value", "type": "uint256"}, {"name": "validAfter", "type": "uint256"},
+            {"name": "validBefore", "type": "uint256"}, {"name": "nonce", "type": "bytes32"},
+        ]},
+        message_data={"from": auth.from_, "to": auth.to, "value": auth.value,
+                      "validAfter": auth.valid_after, "validBefore": auth.valid_before,
+                      "nonce": bytes.fromhex(auth.nonce[2:])},
+    )  # fmt: skip
+    signature = bytes(Account.sign_message(message, PAYER.key).signature)
+    assert verify(exact.ExactPayload(signature, auth)).is_valid
+    other = dataclasses.replace(auth, valid_after=1)
+    assert verify(exact.ExactPayload(signature, other)).reason == exact.BAD_SIGNATURE
+    assert exact.recover_signer(
+        exact.authorization_digest(
+            auth, token_name="USDC", token_version="2", chain_id=84532, asset=REQ.asset
+        ),
+        signature,
+    ) == PAYER.address
