@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     api_max_json_depth: int = Field(default=32, ge=4, le=256)  # deeper JSON: 422, not parsed
     health_probe_timeout_s: float = Field(default=0.5, gt=0)  # per dependency check
     health_cache_s: float = Field(default=2.0, ge=0)  # a probe result is reused this long
+    # How stale a paywall's cached open/paid-out state may be when another process changed it
+    # (this process's own changes apply at once); 0 = read the database on every hit.
+    paywall_state_ttl_s: float = Field(default=1.0, ge=0, le=60)
 
     @model_validator(mode="after")
     def _production_needs_explicit_config(self) -> Settings:

@@ -23,6 +23,7 @@ from connector.events.outbox import record_event
 from connector.logs import get_logger
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import authorization_used, can_never_move
+from connector.payments.receive import give_back_slot
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.policy import budgets
@@ -172,6 +173,7 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
                         failure_reason="authorization expired unused while settling",
                     )
                     budgets.release(uow.session, current.id)
+                    give_back_slot(uow.session, current)  # a paywall's claim, if incoming
                 else:
                     rt.dispatch("x402c.drive_payment", (current.id,))
                     continue

@@ -23,11 +23,13 @@ from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
 from connector.actions.schemas import PaymentRequestView, ReceiveInput
-from connector.errors import ConnectorError, NotFound, WalletKeyMissing
+from connector.errors import ConcurrentUpdate, ConnectorError, NotFound, WalletKeyMissing
+from connector.facilitator.client import FacilitatorError
 from connector.ids import new_id
 from connector.logs import get_logger
+from connector.payments import offers
 from connector.payments.context import ConnectionContext
-from connector.payments.machine import insert_payment, transition, update_fields
+from connector.payments.machine import Step, insert_payment, transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
@@ -86,7 +88,12 @@ def create_request(
 
 
 def paywall_url(rt: Runtime, request_id: str) -> str:
-    return f"{rt.settings.public_base_url.rstrip('/')}/pay/{request_id}"
+    return offers.paywall_url(rt, request_id)
+
+
+def _requirement(rt: Runtime, request: PaymentRequest) -> proto.Requirement:
+    """The requirement a request's paywall offers (kept for callers of the earlier name)."""
+    return offers.requirement_of(rt, request)
 
 
 def request_view(rt: Runtime, request: PaymentRequest) -> PaymentRequestView:
@@ -114,220 +121,273 @@ class PaywallAnswer:
     body: dict[str, Any] | None = None
     redirect_url: str | None = None
     payment_id: str | None = None
+    #: The body already rendered as JSON (the cached 402 offer); wins over ``body``.
+    content: bytes | None = None
 
 
-def _requirement(rt: Runtime, request: PaymentRequest) -> proto.Requirement:
-    return proto.Requirement(
-        scheme="exact",
-        network=request.network,
-        amount=request.amount,
-        asset=request.asset,
-        pay_to=request.pay_to,
-        max_timeout_seconds=request.max_timeout_seconds,
-        extra={"name": request.token_name, "version": request.token_version},
-        resource=paywall_url(rt, request.id),
-        description=request.description,
-        mime_type=request.mime_type,
-    )
+#: What the paywall tells a payer whose settlement is still unknown (try again with the same
+#: payment: the same authorization resumes the same payment, it is never charged twice).
+PENDING_RETRY_AFTER_S = 5
 
 
-def _payment_required(rt: Runtime, request: PaymentRequest, error: str | None) -> PaywallAnswer:
+def _payment_required(offer: offers.Offer, error: str | None) -> PaywallAnswer:
+    if error is None:
+        return PaywallAnswer(402, dict(offer.headers_402), content=offer.body_402)
     headers, body = proto.payment_required_response(
-        _requirement(rt, request),
-        paywall_url(rt, request.id),
-        request.description,
+        offer.requirement,
+        offer.url,
+        offer.request.description,
         error,
-        request.protocols,
+        offer.request.protocols,
     )
     return PaywallAnswer(402, headers, body)
 
 
-def _load_open(session: Session, request_id: str, now: datetime) -> PaymentRequest:
-    request = session.get(PaymentRequest, request_id)
-    if request is None:
-        raise NotFound(f"payment request {request_id} not found")
-    return request
-
-
-def _closed_reason(request: PaymentRequest, now: datetime) -> str | None:
-    if request.status != "open":
-        return f"payment request is {request.status}"
-    if request.expires_at is not None and request.expires_at <= now:
+def _closed_reason(offer: offers.Offer, state: offers.OfferState, now: datetime) -> str | None:
+    if state.status != "open":
+        return f"payment request is {state.status}"
+    if offer.expires_at is not None and offer.expires_at <= now:
         return "payment request expired"
-    if request.paid_count >= request.max_payments:
+    if state.paid_count >= state.max_payments:
         return "payment request already paid"
     return None
 
 
+def _unpaid(offer: offers.Offer, state: offers.OfferState, now: datetime) -> PaywallAnswer:
+    closed = _closed_reason(offer, state, now)
+    if closed:
+        return PaywallAnswer(410, body={"error": closed})
+    return _payment_required(offer, None)
+
+
+def unpaid_from_memory(
+    rt: Runtime, request_id: str, now: datetime | None = None
+) -> PaywallAnswer | None:
+    """An unpaid hit answered without the database, or None when the offer or its state must be
+    (re)read first. Cheap enough to run on the event loop."""
+    cache = offers.cache_for(rt)
+    offer = cache.cached(request_id)
+    state = cache.state(request_id)
+    if offer is None or state is None:
+        return None
+    return _unpaid(offer, state, now or datetime.now(UTC))
+
+
+def _connection(rt: Runtime, offer: offers.Offer) -> ConnectionContext:
+    from connector.payments.context_loader import load_connection
+
+    return offers.cache_for(rt).connection(
+        offer.connection_id, lambda: load_connection(rt, offer.connection_id)
+    )
+
+
 def handle_paywall(
     rt: Runtime,
-    ctx: ConnectionContext,
+    ctx: ConnectionContext | None,
     request_id: str,
     headers: Mapping[str, str],
     now: datetime | None = None,
 ) -> PaywallAnswer:
-    """Answer one paywall hit: a 402 offer, or verify + settle/hold + deliver."""
+    """Answer one paywall hit: a 402 offer, or verify + claim + settle/hold + deliver.
+
+    Never oversold, with no lock held across the payment: the slot is claimed by a conditional
+    ``UPDATE ... WHERE paid_count < max_payments`` that is the *last* statement of the
+    transaction recording the authorized payment, so the row lock lasts only for that commit and
+    the claim is durable before any money can move. A definite settlement failure gives the slot
+    back in the same transaction that marks the payment failed; an unknown outcome (facilitator
+    unreachable or timing out, ``settlement_pending``) keeps both the claim and the payment in
+    ``settling`` until the chain answers (the reconciler, or the payer retrying the same
+    authorization).
+
+    ``ctx`` is the request's connection when the caller has it; None reads it (cached for the
+    state TTL) only when a payment needs the facilitator.
+    """
     now = now or datetime.now(UTC)
-    with UnitOfWork(rt.engine) as uow:
-        request = _load_open(uow.session, request_id, now)
-    closed = _closed_reason(request, now)
     incoming = proto.read_payment_header(headers)
+    cache = offers.cache_for(rt)
+    offer, state = cache.offer(rt, request_id)
     if incoming is None:
-        if closed:
-            return PaywallAnswer(410, body={"error": closed})
-        return _payment_required(rt, request, None)
-    requirement = _requirement(rt, request)
-    if request.protocols != "both" and request.protocols != f"v{incoming.version}":
-        offered = f"x402 version {incoming.version} is not offered here ({request.protocols})"
-        return _payment_required(rt, request, offered)
+        return _unpaid(offer, state, now)
+    requirement = offer.requirement
+    protocols = offer.request.protocols
+    if protocols != "both" and protocols != f"v{incoming.version}":
+        offered = f"x402 version {incoming.version} is not offered here ({protocols})"
+        return _payment_required(offer, offered)
     try:
         payload = proto.check_incoming(incoming, requirement)
     except ConnectorError as exc:
-        return _payment_required(rt, request, closed or exc.detail)
-    if closed:
-        # A single-use request paid by this very authorization: the payer is retrying.
-        return _replayed(rt, ctx, request, payload) or _payment_required(rt, request, closed)
+        return _payment_required(offer, exc.detail)
+    closed = _closed_reason(offer, state, now)
+    if closed and state.paid_count >= state.max_payments and not cache.fresh_from_db(state):
+        # Paid out as far as this process knows: the count is only authoritative in the
+        # database (another process may have given a slot back), so read it before refusing.
+        offer, state = cache.offer(rt, request_id, refresh=True)
+        closed = _closed_reason(offer, state, now)
+    if closed:  # maybe this very payment, retried: answer it as it stands
+        earlier = _earlier_payment(rt, offer, payload)
+        return _resume(rt, offer, earlier, ctx=ctx) if earlier else _payment_required(offer, closed)
 
+    ctx = ctx or _connection(rt, offer)
     wire_requirement = proto.requirement_to_wire(requirement, payload.version)
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
     verdict = facilitator.verify(payload.wire, wire_requirement)
     if not verdict.get("isValid"):
-        return _payment_required(rt, request, str(verdict.get("invalidReason") or "invalid"))
+        earlier = _earlier_payment(rt, offer, payload)  # nonce used: by us, for this payer?
+        if earlier is not None:
+            return _resume(rt, offer, earlier, ctx=ctx)
+        return _payment_required(offer, str(verdict.get("invalidReason") or "invalid"))
 
-    # Claim a slot and record the authorization before anything settles.
+    request = offer.request
+    payment = Payment(
+        id=new_id("pay"),
+        connection_id=offer.connection_id,
+        direction="incoming",
+        state=S.CREATED.value,
+        amount=request.amount,
+        asset=request.asset,
+        network=request.network,
+        payer=payload.payer,
+        payee=request.pay_to,
+        x402_version=payload.version,
+        resource_url=offer.url,
+        description=request.description,
+        payment_request_id=request.id,
+        capture=request.capture,
+        custodial=request.custodial,
+        beneficiary=request.beneficiary,
+        nonce=payload.nonce,
+        valid_before=payload.valid_before,
+        requirement=wire_requirement,
+        signed_payload=payload.wire,
+    )
+    steps = [
+        Step(
+            S.AUTHORIZED,
+            {
+                "hold_expires_at": payload.valid_before - HOLD_SAFETY_MARGIN
+                if request.capture == "manual"
+                else None
+            },
+        )
+    ]
+    if request.capture == "automatic":
+        steps.append(Step(S.SETTLING, {"settle_attempts": 1}))
     with UnitOfWork(rt.engine) as uow:
+        try:
+            insert_payment(uow.session, payment, now=now, then=steps)
+            uow.session.flush()
+        except IntegrityError:
+            uow.rollback()
+            earlier = _earlier_payment(rt, offer, payload)
+            if earlier is not None:
+                return _resume(rt, offer, earlier, ctx=ctx)
+            return _payment_required(offer, "this authorization was already used")
+        # The claim comes last, so the row lock is held only for the commit.
         claimed = uow.session.execute(
             update(PaymentRequest)
             .where(
                 col(PaymentRequest.id) == request.id,
+                col(PaymentRequest.status) == "open",
                 col(PaymentRequest.paid_count) < col(PaymentRequest.max_payments),
             )
             .values(paid_count=col(PaymentRequest.paid_count) + 1)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            .returning(
+                col(PaymentRequest.status),
+                col(PaymentRequest.paid_count),
+                col(PaymentRequest.max_payments),
+            )
+        ).one_or_none()
+        if claimed is None:
             uow.rollback()
-            replay = _replayed(rt, ctx, request, payload)
-            return replay or _payment_required(rt, request, "payment request already paid")
-        payment = Payment(
-            id=new_id("pay"),
-            connection_id=ctx.id,
-            direction="incoming",
-            state=S.CREATED.value,
-            amount=request.amount,
-            asset=request.asset,
-            network=request.network,
-            payer=payload.payer,
-            payee=request.pay_to,
-            x402_version=payload.version,
-            resource_url=paywall_url(rt, request.id),
-            description=request.description,
-            payment_request_id=request.id,
-            capture=request.capture,
-            custodial=request.custodial,
-            beneficiary=request.beneficiary,
-            nonce=payload.nonce,
-            valid_before=payload.valid_before,
-            requirement=wire_requirement,
-            signed_payload=payload.wire,
-        )
-        try:
-            insert_payment(uow.session, payment, now=now)
-        except IntegrityError:
-            uow.rollback()
-            replay = _replayed(rt, ctx, request, payload)
-            if replay is not None:
-                return replay
-            return _payment_required(rt, request, "this authorization was already used")
-        hold_until = None
-        if request.capture == "manual":
-            hold_until = payload.valid_before - HOLD_SAFETY_MARGIN
-        transition(uow.session, payment, S.AUTHORIZED, now=now, hold_expires_at=hold_until)
-        if request.capture == "automatic":
-            transition(uow.session, payment, S.SETTLING, now=now, settle_attempts=1)
+            cache.offer(rt, request.id)  # refresh what unpaid visitors see
+            return _payment_required(offer, "payment request already paid")
         uow.commit()
+    cache.note(request.id, *claimed)
 
     if request.capture == "manual":
-        answer = _deliver(
-            request,
-            payment,
-            {
-                "success": True,
-                "transaction": "",
-                "network": request.network,
-                "payer": payload.payer,
-            },
-        )
-        return answer
-
-    return _answer_settled(rt, ctx, request, payment.id, payload.payer, give_back=True)
+        return _deliver(offer, payment, _settlement(payment, ""))
+    return _resume(rt, offer, payment, ctx=ctx)
 
 
-def _answer_settled(
-    rt: Runtime,
-    ctx: ConnectionContext,
-    request: PaymentRequest,
-    payment_id: str,
-    payer: str,
-    *,
-    give_back: bool,
-) -> PaywallAnswer:
-    """Settle (or re-check) the payment and answer: delivered, pending (503, retry with the same
-    payment), or refused (402, the slot given back when this call claimed it)."""
-    settled = settle_incoming(rt, ctx, payment_id)
-    if settled.state == S.SETTLING.value:
-        # Submitted, not mined yet: neither paid nor refused. The payer retries with the very
-        # same payment header and gets the resource once the chain has it (nothing moves twice).
-        body = {"error": SETTLEMENT_PENDING, "payment_id": settled.id}
-        headers = proto.settlement_headers(
-            settled.x402_version or 2,
-            {
-                "success": False,
-                "errorReason": SETTLEMENT_PENDING,
-                "transaction": settled.tx_hash or "",
-                "network": request.network,
-                "payer": payer,
-            },
-        )
-        headers["retry-after"] = "2"
-        return PaywallAnswer(503, headers, body, payment_id=settled.id)
-    if settled.state not in (S.SETTLED.value, S.REFUNDING.value, S.PARTIALLY_REFUNDED.value):
-        if give_back and settled.state == S.FAILED.value:
-            _give_back_slot(rt, request.id)
-        return _payment_required(rt, request, settled.failure_reason or "settlement failed")
-    return _deliver(
-        request,
-        settled,
-        {
-            "success": True,
-            "transaction": settled.tx_hash or "",
-            "network": request.network,
-            "payer": payer,
-        },
-    )
+#: States in which the payer has paid (money moved to the payee, possibly refunded since).
+_DELIVERED = frozenset(
+    s.value for s in (S.SETTLED, S.RELEASED, S.REFUNDING, S.PARTIALLY_REFUNDED, S.REFUNDED)
+)
 
 
-def _replayed(
-    rt: Runtime, ctx: ConnectionContext, request: PaymentRequest, payload: proto.Incoming
-) -> PaywallAnswer | None:
-    """The same authorization presented again (a payer retrying after a pending answer or a lost
-    response): answer from the payment it already made, never a second one."""
+def _settlement(payment: Payment, tx_hash: str) -> dict[str, Any]:
+    return {
+        "success": True,
+        "transaction": tx_hash,
+        "network": payment.network,
+        "payer": payment.payer,
+    }
+
+
+def _earlier_payment(
+    rt: Runtime, offer: offers.Offer, payload: proto.Incoming
+) -> Payment | None:
+    """The payment this paywall already recorded for this very authorization, if any."""
     with UnitOfWork(rt.engine) as uow:
         found = uow.session.execute(
             select(Payment).where(
-                col(Payment.direction) == "incoming",
-                col(Payment.payment_request_id) == request.id,
-                col(Payment.payer) == payload.payer,
+                col(Payment.payment_request_id) == offer.id,
                 col(Payment.nonce) == payload.nonce,
+                col(Payment.direction) == "incoming",
             )
         ).scalar_one_or_none()
-    if not isinstance(found, Payment):
-        return None
-    return _answer_settled(rt, ctx, request, found.id, payload.payer, give_back=False)
+        if found is not None and (found.payer or "").lower() != payload.payer.lower():
+            return None
+        return found
 
 
-def _deliver(
-    request: PaymentRequest, payment: Payment, settlement: dict[str, Any]
+def _resume(
+    rt: Runtime,
+    offer: offers.Offer,
+    payment: Payment,
+    *,
+    ctx: ConnectionContext | None = None,
 ) -> PaywallAnswer:
+    """Take a recorded payment as far as it goes and answer the payer: deliver once settled (or
+    held), ask again while the outcome is unknown, refuse once it definitely failed."""
+    if payment.state == S.SETTLING.value:
+        payment = settle_incoming(rt, ctx or _connection(rt, offer), payment.id, payment=payment)
+    state = payment.state
+    if state in _DELIVERED:
+        return _deliver(offer, payment, _settlement(payment, payment.tx_hash or ""))
+    if state == S.AUTHORIZED.value:
+        return _deliver(offer, payment, _settlement(payment, ""))
+    if state == S.SETTLING.value:
+        # Neither paid nor refused: the payer retries with the very same payment header and gets
+        # the resource once the chain has it (nothing moves twice).
+        headers = proto.settlement_headers(
+            payment.x402_version or 2,
+            {
+                "success": False,
+                "errorReason": SETTLEMENT_PENDING,
+                "transaction": payment.tx_hash or "",
+                "network": payment.network,
+                "payer": payment.payer,
+            },
+        )
+        headers["retry-after"] = str(PENDING_RETRY_AFTER_S)
+        headers["x-x402c-payment-id"] = payment.id
+        return PaywallAnswer(
+            503,
+            headers,
+            {
+                "error": SETTLEMENT_PENDING,
+                "detail": "the settlement's outcome is not known yet; retry with the same payment",
+                "status": SETTLEMENT_PENDING,
+                "payment_id": payment.id,
+            },
+            payment_id=payment.id,
+        )
+    return _payment_required(offer, payment.failure_reason or f"payment {state}")
+
+
+def _deliver(offer: offers.Offer, payment: Payment, settlement: dict[str, Any]) -> PaywallAnswer:
+    request = offer.request
     headers = proto.settlement_headers(payment.x402_version or 2, settlement)
     headers["x-x402c-payment-id"] = payment.id
     if request.redirect_url:
@@ -336,55 +396,102 @@ def _deliver(
     return PaywallAnswer(200, headers, body, None, payment.id)
 
 
-def _give_back_slot(rt: Runtime, request_id: str) -> None:
-    with UnitOfWork(rt.engine) as uow:
-        uow.session.execute(
-            update(PaymentRequest)
-            .where(col(PaymentRequest.id) == request_id, col(PaymentRequest.paid_count) > 0)
-            .values(paid_count=col(PaymentRequest.paid_count) - 1)
+def give_back_slot(session: Session, payment: Payment) -> None:
+    """Free the paywall slot a definitely failed incoming payment held (in the caller's
+    transaction, the one that marks the payment failed, so it happens exactly once)."""
+    if payment.direction != "incoming" or not payment.payment_request_id:
+        return
+    session.execute(
+        update(PaymentRequest)
+        .where(
+            col(PaymentRequest.id) == payment.payment_request_id,
+            col(PaymentRequest.paid_count) > 0,
         )
-        uow.commit()
+        .values(paid_count=col(PaymentRequest.paid_count) - 1)
+    )
 
 
-def settle_incoming(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+def settle_incoming(
+    rt: Runtime, ctx: ConnectionContext, payment_id: str, *, payment: Payment | None = None
+) -> Payment:
     """Settle an incoming payment that is in ``settling`` (automatic capture or release).
 
-    Returns the payment still in ``settling`` (with the submitted transaction recorded) when the
-    outcome is unknown: a submitted transfer is never reported as failed.
+    Success: ``settled``. An unsuccessful answer is decided from the chain, never from the answer
+    alone (:func:`connector.payments.onchain.outcome`): a used nonce is settled; a submitted
+    transaction without a receipt, ``settlement_pending`` or an unreadable chain is unknown; only
+    a definite refusal is ``failed``, and its paywall slot is given back in that transaction.
+    A facilitator that cannot be reached, times out or answers 5xx/429 leaves the outcome
+    unknown too. Unknown: the payment stays in ``settling`` (the submitted transaction recorded)
+    with its slot held, for the reconciler or a retry; it is never called a failure.
     """
-    with UnitOfWork(rt.engine) as uow:
-        payment = uow.session.get(Payment, payment_id)
-        if payment is None:
-            raise NotFound(f"payment {payment_id} not found")
+    if payment is None:
+        with UnitOfWork(rt.engine) as uow:
+            payment = uow.session.get(Payment, payment_id)
+            if payment is None:
+                raise NotFound(f"payment {payment_id} not found")
     if payment.state != S.SETTLING.value:
         return payment
     assert payment.signed_payload is not None and payment.requirement is not None
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
-    answer = facilitator.settle(payment.signed_payload, payment.requirement)
+    try:
+        answer = facilitator.settle(payment.signed_payload, payment.requirement)
+    except FacilitatorError as exc:
+        status = exc.context.get("status_code")
+        definite = isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+        if not definite:
+            log.warning(
+                "incoming settlement outcome unknown",
+                extra={"payment_id": payment.id, "reason": exc.detail[:200]},
+            )
+            return payment
+        answer = {"success": False, "errorReason": exc.detail}
     tx_hash = str(answer.get("transaction") or "") or None
     reason = str(answer.get("errorReason") or "facilitator refused")
-    settled = bool(answer.get("success"))
-    unknown = False
+    settled, unknown = bool(answer.get("success")), False
     if not settled:
         verdict = outcome(rt, ctx, payment, tx_hash, pending=reason == SETTLEMENT_PENDING)
         settled, unknown, tx_hash = verdict.settled, verdict.unknown, verdict.tx_hash
+    if unknown:
+        log.warning(
+            "incoming settlement pending", extra={"payment_id": payment.id, "tx_hash": tx_hash}
+        )
+    current = payment
     with UnitOfWork(rt.engine) as uow:
-        current = uow.session.get(Payment, payment_id)
-        assert current is not None
-        if current.state != S.SETTLING.value:
-            return current
-        if settled:
-            transition(uow.session, current, S.SETTLED, tx_hash=tx_hash or current.tx_hash)
-        elif unknown:
-            if tx_hash and tx_hash != current.tx_hash:
-                update_fields(uow.session, current, tx_hash=tx_hash)
-        else:
-            transition(
-                uow.session,
-                current,
-                S.FAILED,
-                failure_code="settlement_failed",
-                failure_reason=reason[:1000],
-            )
+        try:
+            _record_settlement(uow.session, current, settled, unknown, tx_hash, reason)
+        except ConcurrentUpdate:  # moved by someone else (reconciler, a retry): use theirs
+            uow.rollback()
+            fresh = uow.session.get(Payment, payment.id, populate_existing=True)
+            assert fresh is not None
+            if fresh.state != S.SETTLING.value:
+                return fresh
+            current = fresh
+            _record_settlement(uow.session, current, settled, unknown, tx_hash, reason)
         uow.commit()
-        return current
+    if current.payment_request_id and current.state == S.FAILED.value:
+        offers.cache_for(rt).forget_state(current.payment_request_id)
+    return current
+
+
+def _record_settlement(
+    session: Session,
+    payment: Payment,
+    settled: bool,
+    unknown: bool,
+    tx_hash: str | None,
+    reason: str,
+) -> None:
+    if settled:
+        transition(session, payment, S.SETTLED, tx_hash=tx_hash or payment.tx_hash)
+    elif unknown:
+        if tx_hash and tx_hash != payment.tx_hash:
+            update_fields(session, payment, tx_hash=tx_hash)
+    else:
+        transition(
+            session,
+            payment,
+            S.FAILED,
+            failure_code="settlement_failed",
+            failure_reason=reason[:1000],
+        )
+        give_back_slot(session, payment)
