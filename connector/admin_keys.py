@@ -19,9 +19,10 @@ import hashlib
 import hmac
 import re
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
 from connector.audit import audit
@@ -153,6 +154,35 @@ def authenticate(session: Session, presented: str) -> AdminKey | None:
         ):
             return row
     return None
+
+
+#: ``last_used_at`` is a coarse "is this key still in use" signal: written at most this often per
+#: key, so authenticated reads do not turn into writes (issue 13: every admin GET committed).
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def note_use(session: Session, key: AdminKey, now: datetime | None = None) -> bool:
+    """Record that ``key`` was used, unless that was already recorded within the last minute.
+
+    Returns whether a write was made. The UPDATE is conditional, so concurrent requests with the
+    same key write once per minute between them, not once each; the caller commits."""
+    now = now or datetime.now(UTC)
+    last = key.last_used_at
+    if last is not None and last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    if last is not None and now - last < LAST_USED_RESOLUTION:
+        return False
+    stale = now - LAST_USED_RESOLUTION
+    result = session.execute(
+        update(AdminKey)
+        .where(
+            col(AdminKey.id) == key.id,
+            or_(col(AdminKey.last_used_at).is_(None), col(AdminKey.last_used_at) <= stale),
+        )
+        .values(last_used_at=now)
+    )
+    set_committed_value(key, "last_used_at", now)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def has_scope(key: AdminKey, needed: str) -> bool:
