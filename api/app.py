@@ -80,6 +80,8 @@ def create_app(
         )
         return response
 
+    # Outermost: unpaid paywall hits are answered from memory before routing (issue 13).
+    app.add_middleware(paywall.PaywallFastPath, runtime=rt)
     app.include_router(admin.router)
     app.include_router(webhooks_admin.router)
     app.include_router(actions.router)

@@ -153,6 +153,11 @@ def test_unpaid_hits_come_from_memory_and_pay_out_closes_at_once(
         assert all(r.status_code == 402 for r in again)
         assert {r.headers["payment-required"] for r in again} == {first.headers["payment-required"]}
         assert {r.content for r in again} == {first.content}
+        for name in ("content-type", "access-control-expose-headers"):  # same as the slow path
+            assert {r.headers[name] for r in again} == {first.headers[name]}
+        assert all(r.headers["x-request-id"].startswith("req_") for r in [first, *again])
+        echoed = httpx.get(url_of(server, rid), headers={"x-request-id": "trace-1"})
+        assert echoed.headers["x-request-id"] == "trace-1"
 
         paid = httpx.get(url_of(server, rid), headers=pay_header(accounts[3], first), timeout=30)
         assert paid.status_code == 200, paid.text
