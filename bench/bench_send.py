@@ -9,6 +9,12 @@ Fairness: anvil's transaction rate falls as its chain grows (measured here: ~185
 transfers on a fresh chain, ~65/s after 1,800), so every measured run gets a fresh chain and a
 fresh facilitator, and the configurations are interleaved over several rounds; the medians are
 reported with every run printed.
+
+Isolation: a throwaway PostgreSQL database (created and dropped here) and a Redis database that
+must be empty when the run starts (``BENCH_REDIS_URL``, default DB 15; the bench refuses a
+database holding anyone's keys and, at the end, deletes only the Celery keys it created). It
+never flushes a database. ``--smoke`` runs a tiny size (the test suite does, so the bench cannot
+rot) and records nothing unless ``BENCH_RESULTS_DIR`` is set.
 """
 
 from __future__ import annotations
@@ -51,11 +57,17 @@ from connector.vault import MasterKeyRing
 from connector.x402.requirement import Requirement
 from workers.celery_app import make_celery
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record
+
+SMOKE = "--smoke" in sys.argv
 ADMIN_DSN = os.environ.get("X402C_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-N = int(os.environ.get("BENCH_N", "300"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+N = int(os.environ.get("BENCH_N", "4" if SMOKE else "300"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMOKE else "3"))
 ROOT = Path(__file__).resolve().parents[1]
-BROKER = "redis://127.0.0.1:6379/15"
+BROKER = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+#: What Celery and kombu write in the broker/result database (a run's own keys, nothing else).
+OWN_KEY_PATTERNS = ("celery", "_kombu.*", "unacked*", "celery-task-meta-*", "*.celery.pidbox")
 Run = tuple[float, list[float]]  # (payments per second, latencies in ms)
 
 
@@ -222,9 +234,16 @@ def main() -> None:
     with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
     url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + db
+    broker = redis.Redis.from_url(BROKER)
+    if broker.dbsize():
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        raise SystemExit(
+            f"Redis {BROKER} holds {broker.dbsize()} keys: not ours to touch. Point "
+            "BENCH_REDIS_URL at an empty database."
+        )
     try:
         keys = MasterKeyRing.generate_spec("s1")
-        redis.Redis.from_url(BROKER).flushdb()
         settings = Settings(
             database_url=url, broker_url=BROKER, master_keys=keys, data_dir=Path(tempfile.mkdtemp())
         )
@@ -261,8 +280,20 @@ def main() -> None:
                 f"runs: {spread}"
             )
         print("  (latency of ours = job queued -> finished, so it includes queueing of the batch)")
+        rows = [
+            record.row(
+                f"`send` end to end, {workers} worker(s) x 8 threads (Redis, PostgreSQL)",
+                f"{summary(results[workers])[0]:.1f}/s",
+                f"bare SDK loop sign->verify->settle {sdk_rate:.1f}/s",
+                summary(results[workers])[0] / sdk_rate,
+            )
+            for workers in (1, 2)
+        ]
+        record.write("send", rows, smoke=SMOKE)
     finally:
-        redis.Redis.from_url(BROKER).flushdb()
+        for pattern in OWN_KEY_PATTERNS:  # the database was empty: these keys are this run's
+            for key in broker.scan_iter(match=pattern, count=500):
+                broker.delete(key)
         with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 

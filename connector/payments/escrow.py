@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import connector.payments.protocol as proto
 from connector.errors import Conflict, NotFound, SettlementPending
+from connector.payments import offers
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
-from connector.payments.receive import settle_incoming
+from connector.payments.receive import give_back_slot, settle_incoming
 from connector.payments.states import PaymentState, check_transition
 from connector.policy import budgets
 from connector.runtime import Runtime
@@ -40,8 +41,11 @@ def void(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
         transition(uow.session, payment, S.VOIDED)
         if payment.direction == "outgoing":
             budgets.release(uow.session, payment.id)
+        give_back_slot(uow.session, payment)  # a voided hold frees its paywall slot
         uow.commit()
-        return payment
+    if payment.payment_request_id:
+        offers.cache_for(rt).forget_state(payment.payment_request_id)
+    return payment
 
 
 def release(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:

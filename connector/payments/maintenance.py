@@ -102,6 +102,7 @@ def expire_holds(rt: Runtime, now: datetime | None = None) -> int:
                     continue
                 transition(uow.session, current, S.EXPIRED, now=now)
                 budgets.release(uow.session, current.id)
+                give_back_slot(uow.session, current)  # an expired hold frees its paywall slot
                 uow.commit()
                 changed += 1
         except (ConcurrentUpdate, IllegalTransition):

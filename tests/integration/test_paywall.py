@@ -403,3 +403,24 @@ def test_a_definite_refusal_gives_the_slot_back(
         ok = httpx.get(url_of(server, rid), headers=pay_header(accounts[8], first), timeout=30)
         assert ok.status_code == 200, ok.text
         assert paid_count(rt, rid) == 1
+
+
+def test_a_voided_hold_reopens_a_single_use_paywall(
+    engine: Engine, tmp_path: Path, chain: DevChainInfo, facilitator_url: str,
+    accounts: list[LocalAccount], chain_client: ChainClient,
+) -> None:  # fmt: skip
+    from connector.payments import escrow
+
+    with paywall_app(engine, tmp_path, paywall_state_ttl_s=60) as (rt, server):
+        conn_id = seller_connection(rt, chain, accounts[17], facilitator_url)
+        rid = offer(rt, conn_id, capture="manual")
+        first = httpx.get(url_of(server, rid))
+        held = httpx.get(url_of(server, rid), headers=pay_header(accounts[2], first), timeout=30)
+        assert held.status_code == 200, held.text  # delivered against the hold
+        assert paid_count(rt, rid) == 1
+        assert httpx.get(url_of(server, rid)).status_code == 410
+        voided = escrow.void(rt, load_connection(rt, conn_id), held.headers["x-x402c-payment-id"])
+        assert voided.state == "voided"
+        assert paid_count(rt, rid) == 0  # nothing moved: the slot is free again
+        assert httpx.get(url_of(server, rid)).status_code == 402
+        assert chain_client.token_balance(chain.token, accounts[17].address) == 0
