@@ -41,6 +41,13 @@ def session(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
         uow.commit()
 
 
+#: The request's unit of work, committed when the route function returns and *before* the
+#: response is sent (``scope="function"``). With FastAPI's default request scope the commit ran
+#: after the response had gone out: a 201 could reach the client before its row was visible to
+#: the client's next request, and a commit that failed was never reported.
+DB_SESSION = Depends(session, scope="function")
+
+
 def _too_many(wait: int) -> HTTPException:
     return HTTPException(
         429,

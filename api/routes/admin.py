@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from api.deps import request_id, require, runtime, session
+from api.deps import DB_SESSION, request_id, require, runtime
 from api.pagination import PageParams, envelope, page
 from api.params import IsoDatetime
 from connector import admin_keys
@@ -43,7 +43,7 @@ def create_connection(
     body: ConnectionCreate,
     request: Request,
     key: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> ConnectionCreated:
     if body.facilitator_url is None:
@@ -70,7 +70,7 @@ def list_connections(
     network: str | None = Query(None, max_length=64),
     name: str | None = Query(None, max_length=120),
     _: AdminKey = READ,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     rows, more = connections.list_page(
         s, limit=params.limit, starting_after=params.starting_after, network=network, name=name
@@ -80,7 +80,7 @@ def list_connections(
 
 @router.get("/connections/{connection_id}", response_model=ConnectionView)
 def get_connection(
-    connection_id: str, _: AdminKey = READ, s: Session = Depends(session)
+    connection_id: str, _: AdminKey = READ, s: Session = DB_SESSION
 ) -> ConnectionView:
     return connections.view(connections.get(s, connection_id))
 
@@ -91,7 +91,7 @@ def update_connection(
     body: ConnectionUpdate,
     request: Request,
     key: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> ConnectionView:
     return connections.update(
@@ -107,7 +107,7 @@ def update_connection(
 
 @router.delete("/connections/{connection_id}", status_code=204)
 def delete_connection(
-    connection_id: str, request: Request, key: AdminKey = ADMIN, s: Session = Depends(session)
+    connection_id: str, request: Request, key: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> None:
     connections.delete(s, connection_id, actor=key.id, request_id=request_id(request))
 
@@ -129,7 +129,7 @@ def rotate_webhook_secret(
     connection_id: str,
     request: Request,
     key: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> RotatedSecret:
     overlap = timedelta(hours=rt.settings.webhook_secret_overlap_hours)
@@ -144,7 +144,7 @@ def rotate_wallet(
     connection_id: str,
     request: Request,
     key: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> ConnectionView:
     return connections.rotate_wallet(
@@ -184,7 +184,7 @@ def _key_view(row: AdminKey) -> dict[str, Any]:
 
 @router.post("/keys", status_code=201)
 def create_key(
-    body: KeyCreate, request: Request, key: AdminKey = ADMIN, s: Session = Depends(session)
+    body: KeyCreate, request: Request, key: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     if "actions" in body.scopes and "admin" not in body.scopes and body.connections is None:
         raise ValidationFailed(
@@ -207,7 +207,7 @@ def create_key(
 
 @router.get("/keys")
 def list_keys(
-    params: PageParams = Depends(), _: AdminKey = ADMIN, s: Session = Depends(session)
+    params: PageParams = Depends(), _: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     rows, more = page(s, select(AdminKey), AdminKey.id, params)
     return envelope([_key_view(r) for r in rows], more)
@@ -215,7 +215,7 @@ def list_keys(
 
 @router.delete("/keys/{key_id}")
 def revoke_key(
-    key_id: str, request: Request, key: AdminKey = ADMIN, s: Session = Depends(session)
+    key_id: str, request: Request, key: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     return _key_view(admin_keys.revoke(s, key_id, actor=key.id, request_id=request_id(request)))
 
@@ -231,7 +231,7 @@ def list_audit(
     target_id: str | None = Query(None, max_length=40),
     since: IsoDatetime | None = None,
     _: AdminKey = READ,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     query = select(AuditEntry)
     if actor:
@@ -256,7 +256,7 @@ def list_payments(
     state: PaymentState | None = Query(None),
     direction: str | None = Query(None, pattern="^(incoming|outgoing)$"),
     _: AdminKey = READ,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     query = select(Payment)
     if connection_id:
@@ -271,7 +271,7 @@ def list_payments(
 
 @router.get("/payments/{payment_id}")
 def get_payment(
-    payment_id: str, _: AdminKey = READ, s: Session = Depends(session)
+    payment_id: str, _: AdminKey = READ, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     payment = s.get(Payment, payment_id)
     if payment is None:

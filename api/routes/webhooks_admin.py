@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from api.deps import require, runtime, session
+from api.deps import DB_SESSION, require, runtime
 from api.pagination import PageParams, envelope, page
 from api.params import DeliveryStatus, IsoDatetime
 from connector.errors import NotFound
@@ -31,7 +31,7 @@ def list_events(
     connection_id: str | None = Query(None, max_length=40),
     type: str | None = Query(None, max_length=64),
     _: AdminKey = READ,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     query = select(Event)
     if connection_id:
@@ -62,7 +62,7 @@ def list_deliveries(
     event_id: str | None = Query(None, max_length=40),
     subscription_id: str | None = Query(None, max_length=40),
     _: AdminKey = READ,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     query = select(Delivery)
     if status:
@@ -101,7 +101,7 @@ def redeliver_failed(
 
 @router.get("/subscriptions")
 def list_subscriptions(
-    params: PageParams = Depends(), _: AdminKey = READ, s: Session = Depends(session)
+    params: PageParams = Depends(), _: AdminKey = READ, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     rows, more = page(s, select(Subscription), Subscription.id, params)
     return envelope([subscriptions.view(r, s) for r in rows], more)
@@ -118,7 +118,7 @@ class SubscriptionCreate(BaseModel):
 def create_subscription(
     body: SubscriptionCreate,
     key: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
     sub, secret = subscriptions.create(
@@ -136,7 +136,7 @@ def create_subscription(
 
 @router.delete("/subscriptions/{subscription_id}")
 def delete_subscription(
-    subscription_id: str, _: AdminKey = ADMIN, s: Session = Depends(session)
+    subscription_id: str, _: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     return subscriptions.view(subscriptions.remove(s, subscription_id))
 
@@ -145,7 +145,7 @@ def delete_subscription(
 def rotate_subscription_secret(
     subscription_id: str,
     _: AdminKey = ADMIN,
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
     rt: Runtime = Depends(runtime),
 ) -> dict[str, Any]:
     overlap = timedelta(hours=rt.settings.webhook_secret_overlap_hours)
@@ -155,7 +155,7 @@ def rotate_subscription_secret(
 
 @router.post("/subscriptions/{subscription_id}/enable")
 def enable_subscription(
-    subscription_id: str, _: AdminKey = ADMIN, s: Session = Depends(session)
+    subscription_id: str, _: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     return subscriptions.view(subscriptions.reenable(s, subscription_id))
 
@@ -166,6 +166,6 @@ class TestEvent(BaseModel):
 
 @router.post("/events/test", status_code=201)
 def send_test_event(
-    body: TestEvent, _: AdminKey = ADMIN, s: Session = Depends(session)
+    body: TestEvent, _: AdminKey = ADMIN, s: Session = DB_SESSION
 ) -> dict[str, Any]:
     return record_event(s, "webhook.test", body.connection_id, {"test": True})

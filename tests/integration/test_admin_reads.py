@@ -141,3 +141,26 @@ def test_list_endpoints_run_a_fixed_number_of_queries(
     assert len(large.json()["data"]) > len(small.json()["data"])
     assert len(many) == len(few), (path, few, many)
     assert writes(many) == []
+
+
+def test_a_write_is_committed_before_its_response_is_sent(
+    api: ApiHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed commit must be reported, not preceded by a 201 (FastAPI's default scope for a
+    # dependency with yield runs the commit after the response has gone out).
+    from connector.storage import db
+
+    assert api.client.get("/v1/admin/connections", headers=api.auth()).status_code == 200
+    real = db.UnitOfWork.commit
+
+    def failing(self: db.UnitOfWork) -> None:
+        raise RuntimeError("commit lost")
+
+    monkeypatch.setattr(db.UnitOfWork, "commit", failing)
+    body = {"name": "lost", "network": "base-sepolia", "rpc_url": "https://rpc.example.com",
+            "facilitator_url": "https://facilitator.example.com"}  # fmt: skip
+    response = api.client.post("/v1/admin/connections", json=body, headers=api.auth())
+    monkeypatch.setattr(db.UnitOfWork, "commit", real)
+    assert response.status_code == 500
+    listed = api.client.get("/v1/admin/connections", headers=api.auth("read")).json()["data"]
+    assert all(c["name"] != "lost" for c in listed)
