@@ -216,6 +216,7 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+        app.close()  # the producer's pooled broker connections
 
 
 def summary(runs: list[Run]) -> tuple[float, float, float, str]:
