@@ -261,13 +261,19 @@ def main() -> None:
     url = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + db
     try:
         keys = MasterKeyRing.generate_spec("s1")
-        settings = Settings(database_url=url, master_keys=keys, data_dir=Path(tempfile.mkdtemp()))
+        settings = Settings(
+            database_url=url,
+            master_keys=keys,
+            data_dir=Path(tempfile.mkdtemp()),
+            outbound_allow_loopback=True,  # chain and facilitator are on loopback
+        )
         rt = Runtime(settings=settings, engine=make_engine(url))
         migrate.upgrade(rt.engine)
         env = {
             **os.environ,
             "X402C_DATABASE_URL": url,
             "X402C_MASTER_KEYS": keys,
+            "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",
             "X402C_LOG_LEVEL": "WARNING",
             "X402C_DATA_DIR": str(settings.data_dir),
         }

@@ -246,7 +246,11 @@ def main() -> None:
     try:
         keys = MasterKeyRing.generate_spec("s1")
         settings = Settings(
-            database_url=url, broker_url=BROKER, master_keys=keys, data_dir=Path(tempfile.mkdtemp())
+            database_url=url,
+            broker_url=BROKER,
+            master_keys=keys,
+            data_dir=Path(tempfile.mkdtemp()),
+            outbound_allow_loopback=True,  # chain and facilitator are on loopback
         )
         rt = Runtime(settings=settings, engine=make_engine(url))
         migrate.upgrade(rt.engine)
@@ -255,6 +259,7 @@ def main() -> None:
             "X402C_DATABASE_URL": url,
             "X402C_BROKER_URL": BROKER,
             "X402C_MASTER_KEYS": keys,
+            "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",
             "X402C_LOG_LEVEL": "WARNING",
         }
         results: dict[int, list[Run]] = {0: [], 1: [], 2: []}

@@ -64,6 +64,7 @@ def paywall_app(
             data_dir=tmp_path,
             master_keys=MasterKeyRing.generate_spec("t1"),
             public_base_url=f"http://127.0.0.1:{port}",
+            outbound_allow_loopback=True,  # the facilitator and the chain are on loopback
             **settings,
         ),
         engine=engine,
