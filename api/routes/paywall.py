@@ -69,8 +69,9 @@ class PaywallFastPath:
     (route matching over every admin route, dependency solving, the request-id middleware's
     task hop), which cost several times the answer itself. Whatever it cannot answer from
     memory (a payment header, an offer or a state this process does not hold fresh, any other
-    path) goes down the normal stack unchanged. The response carries the same headers as the
-    slow path, including ``x-request-id``.
+    path) goes down the normal stack unchanged, and so does anything the edge guard
+    (:mod:`api.edge`) might refuse: a query string, a body, a NUL in a header. The response
+    carries the same headers as the slow path, including ``x-request-id``.
     """
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
@@ -82,14 +83,20 @@ class PaywallFastPath:
             scope["type"] != "http"
             or scope["method"] not in ("GET", "POST")
             or not scope["path"].startswith("/pay/")
+            or scope.get("query_string")  # anything unusual takes the guarded path (EdgeGuard)
         ):
             await self.app(scope, receive, send)
             return
         request_id = scope["path"][5:]
         incoming_id = b""
         for name, value in scope["headers"]:
-            if name in _PAYMENT_HEADER_BYTES:
-                await self.app(scope, receive, send)
+            if (
+                name in _PAYMENT_HEADER_BYTES
+                or b"\x00" in value
+                or name == b"transfer-encoding"
+                or (name == b"content-length" and value.strip() not in (b"", b"0"))
+            ):
+                await self.app(scope, receive, send)  # a payment, a body, or hostile input
                 return
             if name == b"x-request-id":
                 incoming_id = value

@@ -425,3 +425,16 @@ def test_a_voided_hold_reopens_a_single_use_paywall(
         assert paid_count(rt, rid) == 0  # nothing moved: the slot is free again
         assert httpx.get(url_of(server, rid)).status_code == 402
         assert chain_client.token_balance(chain.token, accounts[17].address) == 0
+
+
+def test_the_memory_path_leaves_hostile_requests_to_the_edge_guard(
+    engine: Engine, tmp_path: Path, chain: DevChainInfo, facilitator_url: str,
+    accounts: list[LocalAccount],
+) -> None:  # fmt: skip
+    with paywall_app(engine, tmp_path, paywall_state_ttl_s=60) as (rt, server):
+        rid = offer(rt, seller_connection(rt, chain, accounts[2], facilitator_url))
+        assert httpx.get(url_of(server, rid)).status_code == 402  # cached from here on
+        assert httpx.get(url_of(server, rid) + "?x=%00").status_code == 422
+        big = b"x" * (rt.settings.api_max_body_bytes + 1)
+        assert httpx.post(url_of(server, rid), content=big).status_code == 413
+        assert httpx.get(url_of(server, rid)).status_code == 402
