@@ -37,4 +37,9 @@ if [ ! -x .devtools/bin/anvil ] || ! .devtools/bin/anvil --version 2>/dev/null |
   install -m 0755 "$tmp/package/bin/anvil" .devtools/bin/anvil
   rm -rf "$tmp"
 fi
+# The official TypeScript x402 client (pinned), so the interop tests run instead of skipping.
+if [ "$ANVIL_ONLY" = 0 ] && [ ! -d .devtools/ts-interop/node_modules/@x402/evm ]; then
+  echo "[bootstrap] installing the TypeScript x402 client for interop tests"
+  bash scripts/setup_ts_interop.sh >/dev/null
+fi
 echo "[bootstrap] ready: $(.devtools/bin/anvil --version | head -1)"
