@@ -90,7 +90,7 @@ def main() -> None:
             p.start()
         time.sleep(5)
         with transaction(rt.engine) as s:
-            ids = [record_event(s, "webhook.test", conn_id, {"i": i}).id for i in range(N)]
+            ids = [record_event(s, "webhook.test", conn_id, {"i": i})["id"] for i in range(N)]
         start = time.time()
         while time.time() - start < 120:
             with lock:
@@ -105,7 +105,7 @@ def main() -> None:
         for i in range(LATENCY_EVENTS):
             with transaction(rt.engine) as s:
                 event = record_event(s, "webhook.test", conn_id, {"lat": i})
-            created[event.id] = time.time()
+            created[event["id"]] = time.time()
             time.sleep(0.02)
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -3,6 +3,13 @@
 ``record_event`` never commits. The event becomes visible exactly when the state change that
 caused it commits, and disappears with it on rollback — so a crash can neither lose an event nor
 announce a change that never happened. Delivery happens later (see ``connector.webhooks``).
+
+Events about a payment get the payment's next ``sequence`` number (1, 2, 3…), computed by the
+INSERT itself from the events already written, so numbering costs no extra round trip. A payment's
+writers are serialized by the payment row's lock (every transition updates it first), and the
+unique index on ``(payment_id, sequence)`` makes a writer that raced without that lock fail
+rather than reuse a number. The stored ``payload`` is the delivered body without ``sequence``,
+which lives in its own column: :func:`body_of` puts them together.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, bindparam, func, insert, select
 from sqlmodel import Session, SQLModel
 
 from connector.events.catalogue import API_VERSION, EVENT_TYPES
@@ -19,6 +26,23 @@ from connector.ids import new_id
 
 EVENTS: Table = SQLModel.metadata.tables["events"]
 _INSERT = insert(EVENTS)
+_PRIOR = EVENTS.alias("prior")
+# Evaluated per row: executed one row at a time (a single execute, or a DB-API executemany
+# without RETURNING, which is how SQLAlchemy runs a list of parameters here), each row sees the
+# rows inserted before it in this transaction, so one batch numbers a payment's events n, n+1…
+# Were rows ever sent as one multi-VALUES statement, they would share a number and the unique
+# index would refuse the batch: a loud failure, never a silent duplicate.
+_NEXT_SEQUENCE = (
+    select(func.coalesce(func.max(_PRIOR.c.sequence), 0) + 1)
+    .where(_PRIOR.c.payment_id == bindparam("seq_payment_id"))
+    .scalar_subquery()
+)
+_INSERT_SEQUENCED = insert(EVENTS).values(sequence=_NEXT_SEQUENCE)
+
+
+def body_of(payload: dict[str, Any], sequence: int | None) -> dict[str, Any]:
+    """The event as delivered and shown: the stored payload plus its ``sequence``."""
+    return {**payload, "sequence": sequence}
 
 
 def _build(
@@ -65,9 +89,15 @@ def record_event(
     transaction reads back, and skipping the identity map keeps a payment's hot path cheap.
     """
     row = _build(type, connection_id, data, payment_id, now or datetime.now(UTC))
-    session.execute(_INSERT, row)
+    sequence: int | None = None
+    if payment_id is None:
+        session.execute(_INSERT, row)
+    else:
+        sequence = session.execute(
+            _INSERT_SEQUENCED.returning(EVENTS.c.sequence), {**row, "seq_payment_id": payment_id}
+        ).scalar_one()
     mark_pending(session)
-    return dict(row["payload"])
+    return body_of(row["payload"], sequence)
 
 
 def record_events(
@@ -77,10 +107,18 @@ def record_events(
     now: datetime | None = None,
 ) -> None:
     """Append several events ``(type, connection_id, data, payment_id)`` in one statement, in
-    order (their ids increase, so they are delivered in this order)."""
+    order: their ids increase and a payment's events get consecutive sequence numbers, so they
+    are delivered in this order."""
     if not events:
         return
     now = now or datetime.now(UTC)
     rows = [_build(t, c, d, p, now) for t, c, d, p in events]
-    session.execute(_INSERT, rows)
+    plain = [row for row in rows if row["payment_id"] is None]
+    sequenced = [
+        {**row, "seq_payment_id": row["payment_id"]} for row in rows if row["payment_id"] is not None
+    ]
+    if plain:
+        session.execute(_INSERT, plain)
+    if sequenced:
+        session.execute(_INSERT_SEQUENCED, sequenced)
     mark_pending(session)

@@ -10,15 +10,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from connector.storage.models.payments import _ts
 
 
 class Event(SQLModel, table=True):
+    """``sequence`` numbers a payment's events 1, 2, 3… in the order they were written (NULL for
+    events about no payment); unique per payment, so a racing writer fails instead of
+    duplicating a number. Receivers order and de-duplicate by it."""
+
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_dispatched", "dispatched", "id"),)
+    __table_args__ = (
+        Index("ix_events_dispatched", "dispatched", "id"),
+        Index("uq_events_payment_sequence", "payment_id", "sequence", unique=True),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     type: str = Field(max_length=64, index=True)
@@ -26,6 +33,7 @@ class Event(SQLModel, table=True):
     payment_id: str | None = Field(default=None, max_length=40, index=True)
     payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     dispatched: bool = False
+    sequence: int | None = None
     created_at: datetime = _ts()
 
 
@@ -56,11 +64,24 @@ class Delivery(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("event_id", "subscription_id", name="uq_delivery_event_subscription"),
         Index("ix_deliveries_due", "status", "next_attempt_at"),
+        # A payment's deliveries to one subscription form a chain sent in sequence order; this
+        # finds a delivery's unfinished predecessors (only unfinished rows are indexed).
+        Index(
+            "ix_deliveries_chain_open",
+            "subscription_id",
+            "payment_id",
+            "sequence",
+            postgresql_where=text("status IN ('pending', 'sending')"),
+            sqlite_where=text("status IN ('pending', 'sending')"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=40)
     event_id: str = Field(max_length=40, index=True)
     subscription_id: str = Field(max_length=40, index=True)
+    # Copied from the event at fan-out, so ordering checks need no join.
+    payment_id: str | None = Field(default=None, max_length=40)
+    sequence: int | None = None
     status: str = Field(default="pending", max_length=12)  # pending|sending|delivered|failed|dead
     attempts: int = 0
     next_attempt_at: datetime | None = _ts(nullable=True)
