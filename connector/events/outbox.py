@@ -115,7 +115,9 @@ def record_events(
     rows = [_build(t, c, d, p, now) for t, c, d, p in events]
     plain = [row for row in rows if row["payment_id"] is None]
     sequenced = [
-        {**row, "seq_payment_id": row["payment_id"]} for row in rows if row["payment_id"] is not None
+        {**row, "seq_payment_id": row["payment_id"]}
+        for row in rows
+        if row["payment_id"] is not None
     ]
     if plain:
         session.execute(_INSERT, plain)
