@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
@@ -13,8 +15,8 @@ from sqlmodel import Session, col
 from api.deps import DB_SESSION, require, runtime
 from api.pagination import PageParams, envelope, page
 from api.params import DeliveryStatus, IsoDatetime
-from connector.errors import NotFound
-from connector.events.outbox import record_event
+from connector.errors import Conflict, NotFound
+from connector.events.outbox import body_of, record_event
 from connector.runtime import Runtime
 from connector.storage.models.connections import AdminKey
 from connector.storage.models.events import Delivery, DeliveryAttempt, Event, Subscription
@@ -39,20 +41,26 @@ def list_events(
     if type:
         query = query.where(col(Event.type) == type)
     rows, more = page(s, query, Event.id, params)
-    return envelope([{**r.payload, "dispatched": r.dispatched} for r in rows], more)
+    return envelope(
+        [{**body_of(r.payload, r.sequence), "dispatched": r.dispatched} for r in rows], more
+    )
 
 
-def _delivery_view(s: Session, row: Delivery) -> dict[str, Any]:
-    attempts = s.execute(
-        select(DeliveryAttempt)
-        .where(col(DeliveryAttempt.delivery_id) == row.id)
-        .order_by(col(DeliveryAttempt.attempt))
-    ).scalars()
-    return {
-        **row.model_dump(mode="json"),
-        "object": "delivery",
-        "attempt_log": [a.model_dump(mode="json") for a in attempts],
-    }
+def _delivery_views(s: Session, rows: Sequence[Delivery]) -> list[dict[str, Any]]:
+    """Deliveries with their attempt logs: one query for the attempts of the whole page."""
+    logs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if rows:
+        attempts = s.execute(
+            select(DeliveryAttempt)
+            .where(col(DeliveryAttempt.delivery_id).in_([r.id for r in rows]))
+            .order_by(col(DeliveryAttempt.delivery_id), col(DeliveryAttempt.attempt))
+        ).scalars()
+        for attempt in attempts:
+            logs[attempt.delivery_id].append(attempt.model_dump(mode="json"))
+    return [
+        {**row.model_dump(mode="json"), "object": "delivery", "attempt_log": logs[row.id]}
+        for row in rows
+    ]
 
 
 @router.get("/deliveries")
@@ -72,29 +80,64 @@ def list_deliveries(
     if subscription_id:
         query = query.where(col(Delivery.subscription_id) == subscription_id)
     rows, more = page(s, query, Delivery.id, params)
-    return envelope([_delivery_view(s, r) for r in rows], more)
+    return envelope(_delivery_views(s, rows), more)
 
 
 @router.post("/deliveries/{delivery_id}/redeliver")
 def redeliver_one(
-    delivery_id: str, _: AdminKey = ADMIN, rt: Runtime = Depends(runtime)
+    delivery_id: str,
+    _: AdminKey = ADMIN,
+    rt: Runtime = Depends(runtime),
+    s: Session = Depends(session),
 ) -> dict[str, Any]:
     count = dispatcher.redeliver(rt, delivery_id=delivery_id)
     if count == 0:
-        raise NotFound(f"delivery {delivery_id} not found")
+        if s.get(Delivery, delivery_id) is None:
+            raise NotFound(f"delivery {delivery_id} not found")
+        raise Conflict(f"delivery {delivery_id} is being sent right now; try again shortly")
     rt.dispatch("x402c.dispatch_webhooks", ())
     return {"requeued": count}
 
 
 class RedeliverFailed(BaseModel):
     since: IsoDatetime
+    statuses: list[Literal["failed", "dead", "delivered"]] = Field(
+        default_factory=lambda: ["failed", "dead"], min_length=1, max_length=3
+    )
+    subscription_id: str | None = Field(default=None, max_length=40)
 
 
 @router.post("/deliveries/redeliver")
 def redeliver_failed(
     body: RedeliverFailed, _: AdminKey = ADMIN, rt: Runtime = Depends(runtime)
 ) -> dict[str, Any]:
-    count = dispatcher.redeliver(rt, failed_since=body.since)
+    """Requeue, in bulk, deliveries in ``statuses`` (default failed and dead) last updated at or
+    after ``since``."""
+    count = dispatcher.redeliver(
+        rt,
+        failed_since=body.since,
+        statuses=body.statuses,
+        subscription_id=body.subscription_id,
+    )
+    rt.dispatch("x402c.dispatch_webhooks", ())
+    return {"requeued": count}
+
+
+class RetryPending(BaseModel):
+    subscription_id: str | None = Field(default=None, max_length=40)
+    connection_id: str | None = Field(default=None, max_length=40)
+
+
+@router.post("/deliveries/retry-pending")
+def retry_pending(
+    body: RetryPending | None = None, _: AdminKey = ADMIN, rt: Runtime = Depends(runtime)
+) -> dict[str, Any]:
+    """Send every delivery waiting for a retry now, instead of after its backoff (a receiver
+    came back). The body (optional) limits it to one subscription or connection."""
+    body = body or RetryPending()
+    count = dispatcher.retry_pending(
+        rt, subscription_id=body.subscription_id, connection_id=body.connection_id
+    )
     rt.dispatch("x402c.dispatch_webhooks", ())
     return {"requeued": count}
 

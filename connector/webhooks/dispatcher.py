@@ -585,26 +585,81 @@ def dispatch(
     return total
 
 
+REDELIVERABLE = ("failed", "dead", "delivered")
+
+
 def redeliver(
     rt: Runtime,
     *,
     delivery_id: str | None = None,
     failed_since: datetime | None = None,
+    statuses: Sequence[str] = ("failed", "dead"),
+    subscription_id: str | None = None,
     now: datetime | None = None,
 ) -> int:
-    """Queue deliveries again (same event id, so receivers can de-duplicate)."""
+    """Queue deliveries again (same event id, so receivers can de-duplicate).
+
+    One delivery by id (in any state but in flight), or in bulk every delivery in ``statuses``
+    (by default the finished-unsuccessfully ones: ``failed`` and ``dead``) last updated at or
+    after ``failed_since`` (default: the last 30 days), optionally for one subscription. A
+    requeued delivery takes its place in its payment's chain again: later events of that
+    payment not yet sent wait for it.
+    """
     now = now or datetime.now(UTC)
+    bad = sorted(set(statuses) - set(REDELIVERABLE))
+    if bad:
+        raise ValueError(f"cannot redeliver deliveries in {bad}: only {list(REDELIVERABLE)}")
     with UnitOfWork(rt.engine) as uow:
         query = update(Delivery).values(
-            status="pending", next_attempt_at=now, lease_until=None, updated_at=now
+            status="pending",
+            next_attempt_at=now,
+            lease_until=None,
+            lease_owner=None,
+            updated_at=now,
         )
         if delivery_id is not None:
-            query = query.where(col(Delivery.id) == delivery_id)
+            in_flight = (col(Delivery.status) == "sending") & (col(Delivery.lease_until) >= now)
+            query = query.where(col(Delivery.id) == delivery_id, ~in_flight)
         else:
             query = query.where(
-                col(Delivery.status).in_(("failed", "dead")),
+                col(Delivery.status).in_(tuple(statuses)),
                 col(Delivery.updated_at) >= (failed_since or now - timedelta(days=30)),
             )
+            if subscription_id is not None:
+                query = query.where(col(Delivery.subscription_id) == subscription_id)
+        count = int(uow.session.execute(query).rowcount)  # type: ignore[attr-defined]
+        uow.commit()
+    return count
+
+
+def retry_pending(
+    rt: Runtime,
+    *,
+    subscription_id: str | None = None,
+    connection_id: str | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Make every delivery waiting for a retry due now; returns how many were waiting.
+
+    For a receiver that came back: instead of waiting out the backoff (up to 20 h between the
+    last attempts), its pending deliveries go on the next dispatcher run, in order. Limited to one
+    subscription, or to the subscriptions of one connection (its webhookUrl and its REST hooks),
+    when given.
+    """
+    now = now or datetime.now(UTC)
+    with UnitOfWork(rt.engine) as uow:
+        query = (
+            update(Delivery)
+            .where(col(Delivery.status) == "pending", col(Delivery.next_attempt_at) > now)
+            .values(next_attempt_at=now, updated_at=now)
+        )
+        if subscription_id is not None:
+            query = query.where(col(Delivery.subscription_id) == subscription_id)
+        if connection_id is not None:
+            of_connection = select(col(Subscription.id)).where(
+                col(Subscription.connection_id) == connection_id
+            )
+            query = query.where(col(Delivery.subscription_id).in_(of_connection))
         count = int(uow.session.execute(query).rowcount)  # type: ignore[attr-defined]
         uow.commit()
     return count
