@@ -17,6 +17,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from api.cli_deliveries import deliveries_app
+
 app = typer.Typer(
     name="x402c",
     help="x402-connector: let AI agents pay and get paid over x402.",
@@ -30,6 +32,7 @@ keys_app = typer.Typer(help="Vault master keys.", no_args_is_help=True)
 app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(connections_app, name="connections")
 app.add_typer(keys_app, name="keys")
+app.add_typer(deliveries_app, name="deliveries")
 # Not a terminal (CI logs, pipes): no wrapping at 80 columns, so addresses and keys stay whole.
 console = Console(soft_wrap=not sys.stdout.isatty())
 err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
