@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.smoke:
-        args.payments, args.latency_events = 10, 16
+        args.payments, args.latency_events, args.dispatchers = 10, 16, 1
     result = run(args.payments, args.latency_events, args.dispatchers)
     n = result["dispatchers"]
     print(f"webhooks on PostgreSQL, {n} dispatcher processes, receiver on loopback")

@@ -75,6 +75,7 @@ def events_page() -> str:
                 "api_version": API_VERSION,
                 "created_at": "2026-11-23T00:00:01Z",
                 "connection_id": "conn_…",
+                "sequence": 4,
                 "data": {
                     "payment": {"id": "pay_…", "state": "settled", "amount": "10000", "…": "…"}
                 },
@@ -85,6 +86,11 @@ def events_page() -> str:
         "",
         "`data.payment` is the payment's snapshot at the time of the event (the same object the",
         "admin API returns). Payment events follow the [state machine](state-machine.md).",
+        "",
+        "`sequence` numbers a payment's events 1, 2, 3… in the order they happened (`null` for",
+        "events about no payment). Each subscriber receives a payment's events in this order: an",
+        "event is sent only after every earlier one was delivered (or gave up, `failed`/`dead`),",
+        "so `sequence` orders and, with `id`, de-duplicates a payment's history.",
         "",
         "| type | when |",
         "|---|---|",

@@ -134,6 +134,7 @@ def build_manifest(base_url: str) -> dict[str, Any]:
                     "api_version": API_VERSION,
                     "created_at": "2026-11-23T00:00:01Z",
                     "connection_id": SAMPLE_PAYMENT["connection_id"],
+                    "sequence": 1,
                     "data": {"payment": SAMPLE_PAYMENT},
                 },
             }
