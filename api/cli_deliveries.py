@@ -43,7 +43,8 @@ def list_deliveries(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Newest first, at most.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
-    """List deliveries, newest first: status, attempts, next try and last error."""
+    """List deliveries, newest first: status, attempts, next try and last error (--json for
+    every field, the subscription included)."""
     import json
 
     from sqlalchemy import select
@@ -72,12 +73,20 @@ def list_deliveries(
         for delivery, event_type in rows:
             print(json.dumps({**delivery.model_dump(mode="json"), "event_type": event_type}))
         return
-    table = Table("id", "event", "seq", "subscription", "status", "tries", "next try (UTC)",
-                  "last error", box=None)  # fmt: skip
+    table = Table(box=None)
+    # Ids and statuses are never cut (they are what one copies into the next command); the
+    # other columns give way on a narrow terminal.
+    table.add_column("id", no_wrap=True, min_width=30)
+    table.add_column("event", overflow="fold")
+    table.add_column("seq")
+    table.add_column("status", no_wrap=True)
+    table.add_column("tries")
+    table.add_column("next try (UTC)", overflow="fold")
+    table.add_column("last error", overflow="fold")
     for d, event_type in rows:
         next_try = _when(d.next_attempt_at) if d.status == "pending" else "-"
-        table.add_row(d.id, event_type, str(d.sequence or "-"), d.subscription_id, d.status,
-                      str(d.attempts), next_try, (d.last_error or "")[:60])  # fmt: skip
+        table.add_row(d.id, event_type, str(d.sequence or "-"), d.status, str(d.attempts),
+                      next_try, (d.last_error or "")[:60])  # fmt: skip
     console.print(table)
 
 

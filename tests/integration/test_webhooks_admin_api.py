@@ -15,8 +15,6 @@ from connector.storage.db import transaction
 from connector.storage.models.events import Delivery, DeliveryAttempt, Event, Subscription
 from tests.fixtures.api import ApiHarness
 
-NOW = datetime.now(UTC)
-
 
 @contextmanager
 def counted(engine: Engine) -> Iterator[list[str]]:
@@ -92,7 +90,7 @@ def test_retry_pending_makes_waiting_deliveries_due_now_for_one_connection_or_al
     api: ApiHarness,
 ) -> None:
     engine = api.runtime.engine
-    later = NOW + timedelta(hours=5)
+    later = datetime.now(UTC) + timedelta(hours=5)
     mine, theirs = subscription(engine, "conn_a"), subscription(engine, "conn_b")
     waiting_mine = deliveries(engine, mine, "pending", 2, attempts=3, next_attempt_at=later)
     waiting_theirs = deliveries(engine, theirs, "pending", 1, attempts=3, next_attempt_at=later)
@@ -120,12 +118,13 @@ def test_bulk_redeliver_takes_failed_and_dead_by_default_and_other_statuses_on_r
     api: ApiHarness,
 ) -> None:
     engine = api.runtime.engine
+    now = datetime.now(UTC)
     sub_id = subscription(engine)
-    failed = deliveries(engine, sub_id, "failed", 1, updated_at=NOW)
-    dead = deliveries(engine, sub_id, "dead", 1, updated_at=NOW)
-    delivered = deliveries(engine, sub_id, "delivered", 1, updated_at=NOW)
-    old = deliveries(engine, sub_id, "dead", 1, updated_at=NOW - timedelta(days=3))
-    since = (NOW - timedelta(days=1)).isoformat()
+    failed = deliveries(engine, sub_id, "failed", 1, updated_at=now)
+    dead = deliveries(engine, sub_id, "dead", 1, updated_at=now)
+    delivered = deliveries(engine, sub_id, "delivered", 1, updated_at=now)
+    old = deliveries(engine, sub_id, "dead", 1, updated_at=now - timedelta(days=3))
+    since = (now - timedelta(days=1)).isoformat()
     url = "/v1/admin/deliveries/redeliver"
     assert api.client.post(url, json={"since": since}, headers=api.auth()).json() == {"requeued": 2}
     state = rows(engine)
@@ -141,7 +140,7 @@ def test_bulk_redeliver_takes_failed_and_dead_by_default_and_other_statuses_on_r
 def test_redeliver_one_refuses_a_delivery_in_flight_and_an_unknown_one(api: ApiHarness) -> None:
     engine = api.runtime.engine
     sub_id = subscription(engine)
-    leased = NOW + timedelta(seconds=50)
+    leased = datetime.now(UTC) + timedelta(minutes=30)
     (sending,) = deliveries(engine, sub_id, "sending", 1, lease_until=leased, lease_owner="w1")
     (dead,) = deliveries(engine, sub_id, "dead", 1)
     url = "/v1/admin/deliveries/{}/redeliver"

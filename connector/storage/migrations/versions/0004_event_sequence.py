@@ -1,7 +1,7 @@
 """per-payment event sequence; deliveries carry it for ordered delivery
 
 Revision ID: 0004_event_sequence
-Revises: 0001_initial
+Revises: 0003_principals
 
 ``events.sequence`` numbers each payment's events 1, 2, 3… (unique per payment).
 ``deliveries.payment_id``/``sequence`` are copied from the event at fan-out so the dispatcher can
@@ -16,7 +16,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0004_event_sequence"
-down_revision: str | None = "0001_initial"
+down_revision: str | None = "0003_principals"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
