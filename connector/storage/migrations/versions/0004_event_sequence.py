@@ -1,7 +1,7 @@
 """per-payment event sequence; deliveries carry it for ordered delivery
 
 Revision ID: 0004_event_sequence
-Revises: 0003_principals
+Revises: 0002_unknown_outcomes
 
 ``events.sequence`` numbers each payment's events 1, 2, 3… (unique per payment).
 ``deliveries.payment_id``/``sequence`` are copied from the event at fan-out so the dispatcher can
@@ -16,7 +16,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0004_event_sequence"
-down_revision: str | None = "0003_principals"
+down_revision: str | None = "0002_unknown_outcomes"  # rebased onto main (was 0001_initial)
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
