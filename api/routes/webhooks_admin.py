@@ -88,7 +88,7 @@ def redeliver_one(
     delivery_id: str,
     _: AdminKey = ADMIN,
     rt: Runtime = Depends(runtime),
-    s: Session = Depends(session),
+    s: Session = DB_SESSION,
 ) -> dict[str, Any]:
     count = dispatcher.redeliver(rt, delivery_id=delivery_id)
     if count == 0:
