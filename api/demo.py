@@ -73,6 +73,7 @@ class Demo:
             timeout=60,
         )
         self.chain = ChainClient(stack.chain.rpc_url)
+        self.last_error: dict[str, Any] | None = None
 
     def step(self, text: str) -> None:
         self.console.print(f"[bold cyan]▸[/] {text}")
@@ -85,7 +86,16 @@ class Demo:
             raise DemoFailed(text)
         self.ok(text)
 
-    def call(self, conn: str, action: str, body: dict[str, Any], wait: int = 30) -> dict[str, Any]:
+    def call(
+        self,
+        conn: str,
+        action: str,
+        body: dict[str, Any],
+        wait: int = 30,
+        status: str = "succeeded",
+    ) -> dict[str, Any]:
+        """Run an action; its result. ``status`` is the job status the step expects (a refusal is
+        ``failed`` with the rule in ``error``, a payment the payee holds is ``pending``)."""
         response = self.http.post(
             f"/v1/connections/{conn}/actions/{action}",
             params={"wait": wait},
@@ -95,8 +105,9 @@ class Demo:
         if response.status_code not in (200, 202):
             raise DemoFailed(f"{action} answered {response.status_code}: {response.text[:300]}")
         job = response.json()
-        if job["status"] != "succeeded":
+        if job["status"] != status:
             raise DemoFailed(f"{action} job {job['status']}: {job.get('error')}")
+        self.last_error = job.get("error")
         result: dict[str, Any] = job["result"]
         return result
 
@@ -194,10 +205,10 @@ def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:
     held_offer = d.call(
         seller, "receive", {"amount": str(200_000), "capture": "manual", "resource": {"ok": 1}}
     )["payment_request"]
-    held_send = d.call(buyer, "send", {"url": held_offer["url"]})
+    held_send = d.call(buyer, "send", {"url": held_offer["url"]}, status="pending")
     d.expect(
         held_send["payment"]["state"] == "settling" and held_send["response"]["status"] == 200,
-        "buyer got the resource; its payment waits in settling while the seller holds it",
+        "buyer got the resource; its job is pending (payment settling) while the seller holds it",
     )
     incoming = d.http.get(
         "/v1/admin/payments", params={"connection_id": seller, "state": "authorized"}
@@ -219,10 +230,13 @@ def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:
     )
 
     d.step("Budget refusal: buyer tries to pay 4 dUSD with a 3 dUSD daily budget")
-    refused = d.call(buyer, "send", {"to": seller_key.address, "amount": str(4 * DUSD)})
+    refused = d.call(
+        buyer, "send", {"to": seller_key.address, "amount": str(4 * DUSD)}, status="failed"
+    )
+    rule = (d.last_error or {}).get("rule")
     d.expect(
-        refused["payment"]["state"] == "rejected",
-        f"rejected by rule {refused['payment']['failure_code']}",
+        refused["payment"]["state"] == "rejected" and rule == refused["payment"]["failure_code"],
+        f"job failed, payment rejected by rule {rule}",
     )
 
     d.step("Dry run: the whole decision, nothing signed")

@@ -41,6 +41,45 @@ class IdempotencyMismatch(ConnectorError):
     title = "Idempotency-Key reused with a different request"
 
 
+class IdempotencyKeyRequired(ConnectorError):
+    """A money-moving action without a key could pay twice when its caller retries."""
+
+    code = "idempotency_key_required"
+    status = 428
+    title = "An idempotency key is required for an action that moves money"
+
+
+#: Headers that form an action node's natural idempotency key (a workflow run's node, and the
+#: item when the node runs once per item of a list). Used when no Idempotency-Key is given.
+NATURAL_KEY_HEADERS = ("X-Workflow-Run-Id", "X-Workflow-Node-Id", "X-Workflow-Item")
+
+
+def natural_key(run_id: str | None, node_id: str | None, item: str | None = None) -> str | None:
+    """The idempotency key of one execution of one workflow node: ``wf:<run>:<node>[:<item>]``.
+
+    Both the run and the node are needed: the same node in another run, or another node of the
+    same run, is another payment.
+    """
+    if not run_id or not node_id:
+        return None
+    parts = ["wf", run_id, node_id] + ([item] if item else [])
+    return ":".join(p.replace(":", "%3A") for p in parts)[:255]
+
+
+def require_key(action: str, idempotency_key: str | None) -> None:
+    """Refuse a money-moving action that carries no idempotency key (nothing is created)."""
+    from connector.actions.registry import BY_KEY
+
+    spec = BY_KEY.get(action)
+    if idempotency_key is None and spec is not None and spec.moves_money:
+        raise IdempotencyKeyRequired(
+            f"`{action}` moves money: send an Idempotency-Key header, or the action node's "
+            "natural key (X-Workflow-Run-Id and X-Workflow-Node-Id headers), so that a retried "
+            "call can never pay twice",
+            field="Idempotency-Key",
+        )
+
+
 def request_fingerprint(action: str, body: Any) -> str:
     canonical = json.dumps({"action": action, "body": body}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -63,7 +102,11 @@ def start_job(
     ttl: timedelta = timedelta(hours=48),
     now: datetime | None = None,
 ) -> JobStart:
-    """Create a job, or return the one an earlier request with the same key created."""
+    """Create a job, or return the one an earlier request with the same key created.
+
+    Money-moving actions need a key (:class:`IdempotencyKeyRequired`, 428).
+    """
+    require_key(action, idempotency_key)
     now = now or datetime.now(UTC)
     if idempotency_key is None:
         job = _new_job(session, connection_id, action, body, now)

@@ -12,7 +12,7 @@ from celery import Task
 # Imported when the worker starts, not inside the first task: the payment stack (eth-account,
 # SQLAlchemy models, pydantic schemas) takes over a second to import, which would otherwise land
 # on the first payment every worker runs.
-from connector.actions.service import run_job as run_action
+from connector.actions.service import run as run_action
 from connector.beat import record_tick
 from connector.errors import ConcurrentUpdate, ExternalServiceError
 from connector.jobs import purge_expired
@@ -68,14 +68,14 @@ def run_job(self: Task, job_id: str) -> str:
     so it is neither copied into a result backend nor into Celery's own task log.
     """
     try:
-        result = run_action(runtime(), job_id)
+        found = run_action(runtime(), job_id)
     except RETRYABLE as exc:
         if getattr(exc, "retryable", True):
             raise _retry(self, exc, job_id=job_id) from exc
         raise
     except CONNECTION_ERRORS as exc:
         raise _retry(self, exc, quick=True, job_id=job_id) from exc
-    return "succeeded" if result is not None else "failed"
+    return found.status
 
 
 @celery_app.task(bind=True, name="x402c.drive_payment", max_retries=8, acks_late=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request
@@ -14,8 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import require, runtime
 from connector import admin_keys, jobs
+from connector.actions import outcome
 from connector.actions.manifest import build_manifest
-from connector.actions.registry import BY_KEY
+from connector.actions.registry import ACTIONS as ACTION_SPECS
+from connector.actions.registry import JOB_MODELS, ActionSpec
 from connector.connections import service as connections
 from connector.errors import NotFound
 from connector.logs import get_logger
@@ -57,39 +61,54 @@ def manifest(request: Request, rt: Runtime = Depends(runtime)) -> dict[str, Any]
     return build_manifest(rt.settings.public_base_url.rstrip("/"))
 
 
-@router.post("/v1/connections/{connection_id}/actions/{action}")
-async def run_action(
+_STATUS_TEXT = (
+    "`200` when the job is final (`succeeded` or `failed`: the action's real outcome, see "
+    "`error.code`, `error.rule`, `error.retryable`); `202` when it is not final yet "
+    "(`queued`, `running`, `pending` — the payment's outcome is not known yet — or "
+    "`requires_approval`): poll `GET /v1/jobs/{id}` (the `location` header) or wait for the "
+    "payment's webhook."
+)
+_KEY_TEXT = (
+    "Actions that move money (`send`, `refund`, `release`) need an idempotency key: the "
+    "`Idempotency-Key` header, or the action node's natural key, the `X-Workflow-Run-Id` and "
+    "`X-Workflow-Node-Id` headers (plus `X-Workflow-Item` when the node runs once per list "
+    "item). Without one the call is refused with `428 idempotency_key_required`. The same key "
+    "with the same body returns the same job (`idempotent-replayed: true`) and never runs the "
+    "action twice; with another body: `422 idempotency_key_reused`; while the first request "
+    "is still being answered: `409 idempotency_in_flight`."
+)
+
+
+async def _run_action(
+    spec: ActionSpec,
     connection_id: str,
-    action: str,
-    request: Request,
-    body: dict[str, Any] = Body(default_factory=dict),
-    wait: float = Query(0, ge=0, le=60, description="Seconds to wait for the result."),
-    idempotency_key: str | None = Header(default=None, max_length=255),
-    key: AdminKey = ACTIONS,
-    rt: Runtime = Depends(runtime),
+    body: dict[str, Any],
+    wait: float,
+    key: str | None,
+    rt: Runtime,
 ) -> JSONResponse:
-    _may_use(key, connection_id)
-    spec = BY_KEY.get(action)
-    if spec is None:
-        raise NotFound(f"unknown action {action!r}; see GET /v1/manifest")
+    action = spec.key
     try:
         spec.input_model.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from exc
+    jobs.require_key(action, key)
     # Database and broker calls are blocking: they run in the thread pool, never on the event
     # loop (one slow broker publish there used to stall every request, /healthz included).
-    started = await run_in_threadpool(_start, rt, connection_id, action, body, idempotency_key)
+    started = await run_in_threadpool(_start, rt, connection_id, action, body, key)
     job = started.job
     try:
         if started.created:
             await run_in_threadpool(_dispatch, rt, job.id)
         deadline = time.monotonic() + wait
-        while wait and job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
+        # Waiting for an admin's approval can take hours: answer 202 at once for that one.
+        settled_for_now = (*outcome.TERMINAL, outcome.REQUIRES_APPROVAL)
+        while wait and job.status not in settled_for_now and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
             job = await run_in_threadpool(_load, rt, job.id)
-        done = job.status in ("succeeded", "failed")
+        done = job.status in outcome.TERMINAL
         headers = {"location": f"/v1/jobs/{job.id}"}
         if not started.created:
             headers["idempotent-replayed"] = "true"
@@ -136,6 +155,62 @@ def _finish(rt: Runtime, record_id: str) -> None:
     with UnitOfWork(rt.engine) as uow:
         jobs.finish_request(uow.session, record_id)
         uow.commit()
+
+
+def _action_endpoint(spec: ActionSpec) -> Callable[..., Awaitable[JSONResponse]]:
+    """The endpoint of one action, its body typed with the action's input model (the same model
+    the manifest's ``input_schema`` comes from)."""
+
+    async def endpoint(
+        connection_id: str,
+        body: Any = Body(default=None),
+        wait: float = Query(0, ge=0, le=60, description="Seconds to wait for a final result."),
+        idempotency_key: str | None = Header(default=None, max_length=255),
+        x_workflow_run_id: str | None = Header(default=None, max_length=120),
+        x_workflow_node_id: str | None = Header(default=None, max_length=120),
+        x_workflow_item: str | None = Header(default=None, max_length=12),
+        admin: AdminKey = ACTIONS,
+        rt: Runtime = Depends(runtime),
+    ) -> JSONResponse:
+        _may_use(admin, connection_id)
+        raw = body.model_dump(mode="json", exclude_unset=True) if body is not None else {}
+        key = idempotency_key or jobs.natural_key(
+            x_workflow_run_id, x_workflow_node_id, x_workflow_item
+        )
+        return await _run_action(spec, connection_id, raw, wait, key, rt)
+
+    signature = inspect.signature(endpoint)
+    typed = [
+        p.replace(annotation=spec.input_model | None) if p.name == "body" else p
+        for p in signature.parameters.values()
+    ]
+    endpoint.__signature__ = signature.replace(parameters=typed)  # type: ignore[attr-defined]
+    endpoint.__name__ = f"action_{spec.key}"
+    return endpoint
+
+
+for _spec in ACTION_SPECS:
+    _job_model = JOB_MODELS[_spec.key]
+    router.add_api_route(
+        f"/v1/connections/{{connection_id}}/actions/{_spec.key}",
+        _action_endpoint(_spec),
+        methods=["POST"],
+        summary=_spec.title,
+        description=f"{_spec.description}\n\n{_STATUS_TEXT}\n\n"
+        + (_KEY_TEXT if _spec.moves_money else "An `Idempotency-Key` is optional here."),
+        operation_id=f"action_{_spec.key}",
+        response_model=None,
+        status_code=200,
+        responses={
+            200: {"model": _job_model, "description": "The job, final."},
+            202: {"model": _job_model, "description": "The job, not final yet."},
+        },
+    )
+
+
+@router.post("/v1/connections/{connection_id}/actions/{action}", include_in_schema=False)
+def unknown_action(connection_id: str, action: str, _: AdminKey = ACTIONS) -> None:
+    raise NotFound(f"unknown action {action!r}; see GET /v1/manifest")
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -7,8 +7,9 @@ list, so an action cannot exist in one and be missing in another.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, create_model
 
 from connector.actions import schemas as s
 
@@ -88,3 +89,26 @@ ACTIONS: tuple[ActionSpec, ...] = (
 )
 
 BY_KEY: dict[str, ActionSpec] = {a.key: a for a in ACTIONS}
+
+
+def _job_model(spec: ActionSpec) -> type[BaseModel]:
+    """The job shape of one action: ``action`` is the discriminator, ``result`` its output."""
+    name = "".join(part.capitalize() for part in spec.key.split("_")) + "Job"
+    fields: dict[str, Any] = {
+        "action": (Literal[spec.key], Field(description="The action this job runs.")),
+        "result": (
+            spec.output_model | None,
+            Field(
+                default=None,
+                description="The action's output. Also set while `requires_approval` or "
+                "`pending` (the payment so far), and with `failed` when a payment was recorded.",
+            ),
+        ),
+    }
+    model: type[BaseModel] = create_model(name, __base__=s.JobBase, **fields)
+    model.__doc__ = f"A `{spec.key}` job. {s.JobBase.__doc__}"
+    return model
+
+
+#: One job model per action, for the API's typed responses (discriminated by ``action``).
+JOB_MODELS: dict[str, type[BaseModel]] = {a.key: _job_model(a) for a in ACTIONS}

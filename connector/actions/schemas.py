@@ -344,3 +344,55 @@ class BalanceOutput(_Model):
     asset: str
     balance: Amount
     history: list[PaymentView]
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+JobStatus = Literal["queued", "running", "requires_approval", "pending", "succeeded", "failed"]
+
+
+class JobProblem(BaseModel):
+    """Why a job failed: an RFC 9457 problem object with stable, machine-readable members."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["https://x402c.dev/problems/policy_refused"])
+    title: str
+    status: int = Field(description="The HTTP status this problem would have as a response.")
+    detail: str
+    code: str = Field(
+        description="Stable error code (the type's last part), e.g. `policy_refused`, "
+        "`settlement_failed`, `http_error`, `approval_rejected`, `payment_expired`."
+    )
+    retryable: bool = Field(
+        description="True when the same call may succeed later unchanged (an outage, a 5xx); "
+        "false when something must change first (policy, input, state). Retry with a NEW "
+        "Idempotency-Key: the same key returns this same job."
+    )
+    rule: str | None = Field(
+        default=None,
+        description="With `policy_refused`: the policy rule that refused "
+        "(`max_per_payment`, `domain_allow`, `budget.day`…).",
+    )
+    payment_id: str | None = None
+
+
+class JobBase(BaseModel):
+    """An action call. ``status`` is the action's real outcome (see docs/workflow-builder.md)."""
+
+    id: str = Field(examples=["job_01jdsample00000000000000000"])
+    object: Literal["job"] = "job"
+    status: JobStatus = Field(
+        description="`succeeded` and `failed` are final. `requires_approval` (admins must "
+        "approve the payment) and `pending` (the payment's outcome is not known yet) resolve "
+        "later by themselves; `queued`/`running`: not done yet."
+    )
+    connection_id: str
+    payment_id: str | None = Field(
+        default=None, description="The payment this job made or acts on, when there is one."
+    )
+    error: JobProblem | None = Field(
+        default=None, description="Set when `status` is `failed` (and while a retry waits)."
+    )
+    created_at: str
+    updated_at: str

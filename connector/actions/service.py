@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
+from connector.actions import outcome
 from connector.actions import schemas as s
 from connector.actions.registry import BY_KEY
 from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceError, NotFound
@@ -41,16 +42,7 @@ Handler = Callable[[Runtime, ConnectionContext, Any, ClaimedJob], Any]
 
 
 def problem(exc: ConnectorError) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": f"https://x402c.dev/problems/{exc.code}",
-        "title": exc.title,
-        "status": exc.status,
-        "detail": exc.detail,
-    }
-    for key in ("field", "rule", "payment_id"):
-        if exc.context.get(key) is not None:
-            body[key] = exc.context[key]
-    return body
+    return outcome.problem_from_error(exc)
 
 
 def _payment_view(payment: Payment) -> s.PaymentView:
@@ -59,14 +51,13 @@ def _payment_view(payment: Payment) -> s.PaymentView:
 
 @dataclass(frozen=True)
 class Done:
-    """A handler's answer when it already wrote the job's result in its own last transaction."""
+    """A handler's answer when it already wrote the job's outcome in its own last transaction."""
 
-    result: dict[str, Any]
+    outcome: outcome.Outcome
 
 
 def _send_output(payment: Payment) -> s.SendOutput:
-    response = payment.response if payment.resource_url and payment.response else None
-    return s.SendOutput.model_validate({"payment": payment_snapshot(payment), "response": response})
+    return s.SendOutput.model_validate(outcome.send_result(payment))
 
 
 def _dump(output: BaseModel) -> dict[str, Any]:
@@ -91,14 +82,14 @@ def _send(
             {"payment": None, "response": proto.http_result(prepared.probe)}
         )
     payment = prepared.payment
-    written: list[dict[str, Any]] = []
+    written: list[outcome.Outcome] = []
 
     def record(session: Session, final: Payment) -> None:
-        # The job's result commits with the payment's final state: one transaction, and no
+        # The job's outcome commits with the payment's final state: one transaction, and no
         # window in which a settled payment's job still looks unfinished.
-        result = _dump(_send_output(final))
-        set_job_status(session, job.id, "succeeded", result=result)
-        written.append(result)
+        found = outcome.outcome_of("send", outcome.send_result(final))
+        outcome.write(session, job.id, found)
+        written.append(found)
 
     if prepared.counted:
         payment, _ = send.attempt_send(rt, ctx, payment, inp, on_final=record)
@@ -262,18 +253,25 @@ HANDLERS: dict[str, Handler] = {
 
 
 def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+    """Run a job; its result, or None when it failed (the error is on the job row)."""
+    found = run(rt, job_id)
+    return None if found.status == outcome.FAILED else found.result
+
+
+def run(rt: Runtime, job_id: str) -> outcome.Outcome:
+    """Run a job and return its outcome (status, result, error) as recorded on the job row."""
     with one_connection(rt.engine):
         return _claim_and_run(rt, job_id)
 
 
-def _claim_and_run(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+def _claim_and_run(rt: Runtime, job_id: str) -> outcome.Outcome:
     # The claim is handed to the action uncommitted: a direct send commits it together with its
     # payment (one transaction fewer per payment); every other path commits it before doing
     # anything else, so no other transaction ever waits on the job row this one has locked.
     with UnitOfWork(rt.engine) as claim:
         job = claim_job(claim.session, job_id)
         if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
-            return job.result
+            return outcome.Outcome(job.status, job.result, job.error)
         spec = BY_KEY.get(job.action)
         if spec is None:
             claim.commit()
@@ -285,9 +283,9 @@ def _claim_and_run(rt: Runtime, job_id: str) -> dict[str, Any] | None:
         started = time.perf_counter()
         status = "retrying"
         try:
-            result = _run(rt, job, spec, ctx, claim)
-            status = "succeeded" if result is not None else "failed"
-            return result
+            found = _run(rt, job, spec, ctx, claim)
+            status = found.status
+            return found
         finally:
             ACTION_SECONDS.labels(action=job.action, status=status).observe(
                 time.perf_counter() - started
@@ -296,7 +294,7 @@ def _claim_and_run(rt: Runtime, job_id: str) -> dict[str, Any] | None:
 
 def _run(
     rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None, claim: UnitOfWork
-) -> dict[str, Any] | None:
+) -> outcome.Outcome:
     try:
         inp = spec.input_model.model_validate(job.input or {})
         if job.action == "send" and ctx is not None:
@@ -316,8 +314,7 @@ def _run(
                 set_job_status(uow.session, job.id, "queued", error=problem(exc))
                 uow.commit()
             raise
-        _fail(rt, job.id, problem(exc))
-        return None
+        return _fail(rt, job.id, problem(exc))
     except ConcurrentUpdate as exc:
         # Lost a race with another worker on the same payment: nothing of this run committed.
         # Run again from the stored state (a retry), never report it as the action's outcome.
@@ -328,32 +325,41 @@ def _run(
         raise
     except ConnectorError as exc:
         claim.rollback()
-        _fail(rt, job.id, problem(exc))
-        return None
+        return _fail(rt, job.id, problem(exc))
     except ValidationError as exc:
         claim.rollback()
-        _fail(
+        return _fail(
             rt,
             job.id,
-            {
-                "type": "https://x402c.dev/problems/validation_failed",
-                "title": "Validation failed",
-                "status": 422,
-                "detail": str(exc.errors()[0].get("msg")),
-            },
+            outcome.problem(
+                "validation_failed",
+                "Validation failed",
+                422,
+                str(exc.errors()[0].get("msg")),
+                retryable=False,
+            ),
         )
-        return None
     if isinstance(output, Done):
-        return output.result
-    result = _dump(output)
+        return output.outcome
+    return _record(rt, job, output)
+
+
+def _record(rt: Runtime, job: ClaimedJob, output: BaseModel) -> outcome.Outcome:
+    """Write the action's answer as the job's outcome (succeeded, failed, or waiting)."""
+    found = outcome.outcome_of(job.action, _dump(output))
+    # release, void and refund act on a payment: link it, so the job can follow that payment
+    linked = getattr(output, "payment", None)
+    payment_id = linked.id if job.action != "send" and isinstance(linked, s.PaymentView) else None
     with UnitOfWork(rt.engine) as uow:
-        set_job_status(uow.session, job.id, "succeeded", result=result)
+        outcome.write(uow.session, job.id, found, payment_id=payment_id)
         uow.commit()
-    return result
+    return found
 
 
-def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> None:
+def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> outcome.Outcome:
     log.info("job failed", extra={"job_id": job_id, "problem": error.get("type")})
+    found = outcome.Outcome(outcome.FAILED, None, error)
     with UnitOfWork(rt.engine) as uow:
-        set_job_status(uow.session, job_id, "failed", error=error)
+        outcome.write(uow.session, job_id, found)
         uow.commit()
+    return found

@@ -20,6 +20,7 @@ from sqlalchemy import Table, bindparam, insert, inspect, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, SQLModel
 
+from connector.actions import outcome
 from connector.errors import ConcurrentUpdate
 from connector.events.outbox import record_events
 from connector.metrics import PAYMENT_TRANSITIONS
@@ -129,12 +130,19 @@ def _columns(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def advance(
-    session: Session, payment: Payment, steps: Sequence[Step], *, now: datetime | None = None
+    session: Session,
+    payment: Payment,
+    steps: Sequence[Step],
+    *,
+    now: datetime | None = None,
+    follow_jobs: bool = True,
 ) -> Payment:
     """Take ``steps`` on a stored payment: one versioned UPDATE, one event per step.
 
     If another worker moved the payment first, nothing is written and
     :class:`~connector.errors.ConcurrentUpdate` is raised; ``payment`` is left unchanged.
+    Jobs waiting on the payment (approval, unknown outcome) are brought up to date in the same
+    transaction; ``follow_jobs=False`` is for a caller that records its own job's outcome itself.
     """
     if not steps:
         return payment
@@ -154,6 +162,8 @@ def advance(
             payment_id=payment.id,
         )
     _record(session, payment, events)
+    if follow_jobs and outcome.may_have_waiting_job(payment, str(before["state"])):
+        outcome.follow_payment(session, payment)
     return payment
 
 
@@ -164,10 +174,13 @@ def transition(
     *,
     now: datetime | None = None,
     event_extra: dict[str, Any] | None = None,
+    follow_jobs: bool = True,
     **changes: Any,
 ) -> Payment:
     """Move ``payment`` to ``target``, applying ``changes`` to other columns in the same write."""
-    return advance(session, payment, [Step(target, changes, event_extra)], now=now)
+    return advance(
+        session, payment, [Step(target, changes, event_extra)], now=now, follow_jobs=follow_jobs
+    )
 
 
 def update_fields(

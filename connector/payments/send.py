@@ -449,10 +449,12 @@ def _finish(
     """Take the final step from ``settling`` using the copy in hand (no re-read). If the row
     moved meanwhile (a reconciler or a parallel retry), re-read it: whoever finished first wins.
     """
+    # A caller with ``on_final`` records its own job; otherwise jobs waiting on the payment follow.
+    follow = on_final is None
     with UnitOfWork(rt.engine) as uow:
         current = payment
         try:
-            advance(uow.session, current, [step])
+            advance(uow.session, current, [step], follow_jobs=follow)
         except ConcurrentUpdate:
             uow.rollback()
             fresh = uow.session.get(Payment, payment.id)
@@ -460,7 +462,7 @@ def _finish(
             current = fresh
             if current.state != S.SETTLING.value:
                 return current
-            advance(uow.session, current, [step])
+            advance(uow.session, current, [step], follow_jobs=follow)
         budget_op(uow.session, current.id)
         if on_final is not None:
             on_final(uow.session, current)

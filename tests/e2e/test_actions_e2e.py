@@ -3,6 +3,7 @@ balances read back on-chain."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -46,9 +47,17 @@ def test_send_pays_a_paywall_and_money_moves(buyer: Agent, seller: Agent) -> Non
     assert result["payment"]["state"] == "settled"
     assert result["response"]["status"] == 200 and '"42"' in result["response"]["body"]
     assert (buyer.balance(), seller.balance()) == (before[0] - 12_345, before[1] + 12_345)
-    # a single-use offer refuses a second payment before any money moves
-    again = buyer.run("send", {"url": request["url"]})
-    assert again["payment"] is None and again["response"]["status"] == 410
+    # a single-use offer refuses a second payment before any money moves: the job FAILS (the
+    # action did not get the resource), it does not report success with a 410 hidden inside
+    again = buyer.job("send", {"url": request["url"]})
+    assert again["status"] == "failed", again
+    assert again["result"]["payment"] is None and again["result"]["response"]["status"] == 410
+    error = again["error"]
+    assert (error["code"], error["response_status"], error["retryable"]) == (
+        "http_error",
+        410,
+        False,
+    )
     assert (buyer.balance(), seller.balance()) == (before[0] - 12_345, before[1] + 12_345)
 
 
@@ -62,8 +71,12 @@ def test_direct_payment_to_an_address(buyer: Agent, seller: Agent) -> None:
 def test_manual_capture_hold_then_void_moves_nothing(buyer: Agent, seller: Agent) -> None:
     before = buyer.balance(), seller.balance()
     request = offer(seller, 5_000, capture="manual")
-    sent = buyer.run("send", {"url": request["url"]})
-    assert sent["payment"]["state"] == "settling"
+    job = buyer.job("send", {"url": request["url"]})
+    # the payee holds the authorization: the money's fate is not known, so the job is pending
+    # (not final, never failed) with the delivered response already in its result
+    assert job["status"] == "pending" and job["error"] is None, job
+    sent = job["result"]
+    assert sent["payment"]["state"] == "settling" and sent["response"]["status"] == 200
     held = [p for p in incoming(seller, "authorized") if p["amount"] == "5000"]
     assert len(held) == 1 and held[0]["hold_expires_at"]
     voided = seller.run("void", {"payment_id": held[0]["id"]})
@@ -145,10 +158,19 @@ def test_policy_refusals_and_dry_run(stack: Stack, seller: Agent) -> None:
         stack.accounts[5],
         {"max_per_payment": "1000", "payee_deny": [stack.accounts[13].address]},
     )
-    too_big = careful.run("send", {"to": seller.account.address, "amount": "1001"})["payment"]
+    too_big_job = careful.job("send", {"to": seller.account.address, "amount": "1001"})
+    assert too_big_job["status"] == "failed", too_big_job
+    error = too_big_job["error"]
+    assert (error["code"], error["rule"], error["retryable"]) == (
+        "policy_refused",
+        "max_per_payment",
+        False,
+    )
+    too_big = too_big_job["result"]["payment"]
     assert (too_big["state"], too_big["failure_code"]) == ("rejected", "max_per_payment")
-    denied = careful.run("send", {"to": stack.accounts[13].address, "amount": "1"})["payment"]
-    assert denied["failure_code"] == "payee_deny"
+    assert error["payment_id"] == too_big["id"] == too_big_job["payment_id"]
+    denied = careful.fail("send", {"to": stack.accounts[13].address, "amount": "1"})
+    assert (denied["code"], denied["rule"]) == ("policy_refused", "payee_deny")
     before = careful.balance()
     dry = careful.run("send", {"to": seller.account.address, "amount": "10", "dry_run": True})
     assert dry["payment"]["state"] == "simulated" and careful.balance() == before
@@ -158,7 +180,10 @@ def test_approval_by_two_admins_then_payment_runs(stack: Stack, seller: Agent) -
     big = make_agent(
         stack, stack.accounts[6], {"approval_threshold": "100", "approvals_required": 2}
     )
-    waiting = big.run("send", {"to": seller.account.address, "amount": "150"})["payment"]
+    # with ?wait=30 the call answers at once: waiting for people is not worth blocking on
+    job = big.job("send", {"to": seller.account.address, "amount": "150"}, wait=30)
+    assert job["status"] == "requires_approval" and job["error"] is None, job
+    waiting = job["result"]["payment"]
     assert waiting["state"] == "requires_approval"
     # Two people: each key names its own principal, as the CLI makes them (a key minted through
     # the API would inherit the bootstrap key's principal and count as the same person).
@@ -193,6 +218,26 @@ def test_approval_by_two_admins_then_payment_runs(stack: Stack, seller: Agent) -
     while time.monotonic() < deadline and seller.balance() == before:
         time.sleep(0.05)
     assert seller.balance() == before + 150
+    # the job followed its payment to the end: succeeded, with the settled payment
+    done = big.wait_job(job["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["error"] is None, done
+    assert done["result"]["payment"]["state"] == "settled"
+
+
+def test_a_rejected_approval_fails_the_waiting_job(stack: Stack, seller: Agent) -> None:
+    big = make_agent(stack, stack.accounts[7], {"approval_threshold": "100"})
+    job = big.job("send", {"to": seller.account.address, "amount": "120"}, wait=0)
+    job = big.wait_job(job["id"], ("requires_approval", "succeeded", "failed"))
+    assert job["status"] == "requires_approval", job
+    rejected = big.http.post(
+        f"/v1/admin/payments/{job['payment_id']}/reject", json={"note": "too much"}
+    )
+    assert rejected.status_code == 200, rejected.text
+    # the same transaction that rejected the payment failed the job: no polling needed
+    done = big.http.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "failed", done
+    assert (done["error"]["code"], done["error"]["retryable"]) == ("approval_rejected", False)
+    assert done["result"]["payment"]["state"] == "rejected"
 
 
 def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
@@ -203,17 +248,21 @@ def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
     from connector.payments import maintenance
 
     request = offer(seller, 3_333, capture="manual")
-    sent = buyer.run("send", {"url": request["url"]})["payment"]
-    assert sent["state"] == "settling"
+    job = buyer.job("send", {"url": request["url"]})
+    sent = job["result"]["payment"]
+    assert sent["state"] == "settling" and job["status"] == "pending"
     held = next(p for p in incoming(seller, "authorized") if p["amount"] == "3333")
     seller.run("release", {"payment_id": held["id"]})
     later = datetime.now(UTC) + timedelta(minutes=2)
     assert maintenance.reconcile(stack.runtime, now=later) >= 1
     after = buyer.http.get(f"/v1/admin/payments/{sent['id']}").json()
     assert after["state"] == "settled"  # the chain shows the nonce used: money moved
+    # the pending job followed the payment in the reconciler's transaction
+    done = buyer.http.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["result"]["payment"]["state"] == "settled"
 
     request2 = offer(seller, 4_444, capture="manual")
-    buyer.run("send", {"url": request2["url"]})
+    assert buyer.job("send", {"url": request2["url"]})["status"] == "pending"
     hold = next(p for p in incoming(seller, "authorized") if p["amount"] == "4444")
     deadline = datetime.fromisoformat(hold["hold_expires_at"])
     maintenance.expire_holds(stack.runtime, now=deadline - timedelta(minutes=1))
@@ -244,20 +293,20 @@ def test_a_crash_while_recording_a_settlement_never_pays_twice(
             connection_id=buyer.connection_id,
             action="send",
             body={"to": seller.account.address, "amount": "4321"},
-            idempotency_key=None,
+            idempotency_key="crash-" + uuid.uuid4().hex,
         ).job.id
 
-    real = service.set_job_status
+    real = service.outcome.write
 
-    def crash_on_success(session: Any, job: str, status: str, **kw: Any) -> None:
-        if job == job_id and status == "succeeded":
+    def crash_on_success(session: Any, job: str, found: Any, **kw: Any) -> None:
+        if job == job_id and found.status == "succeeded":
             raise RuntimeError("worker died while committing")
-        real(session, job, status, **kw)
+        real(session, job, found, **kw)
 
-    monkeypatch.setattr(service, "set_job_status", crash_on_success)
+    monkeypatch.setattr(service.outcome, "write", crash_on_success)
     with pytest.raises(RuntimeError):
         service.run_job(rt, job_id)
-    monkeypatch.setattr(service, "set_job_status", real)
+    monkeypatch.setattr(service.outcome, "write", real)
     assert seller.balance() == before + 4321  # the facilitator did settle
     with transaction(rt.engine) as s:
         job = s.get(Job, job_id)
@@ -286,7 +335,7 @@ def _queue_send(stack: Stack, buyer: Agent, seller: Agent, amount: str) -> str:
             connection_id=buyer.connection_id,
             action="send",
             body={"to": seller.account.address, "amount": amount},
-            idempotency_key=None,
+            idempotency_key="queued-" + uuid.uuid4().hex,
         ).job.id
 
 

@@ -235,7 +235,9 @@ def test_endless_402_loop_ends_in_failed_without_paying_twice(
     chain = ChainClient(stack.chain.rpc_url)
     payee = stack.accounts[16].address
     before = chain.token_balance(stack.chain.token, payee)
-    result = buyer.run("send", {"url": hostile.url + "/endless"})
-    payment = result["payment"]
+    job = buyer.job("send", {"url": hostile.url + "/endless"})
+    assert job["status"] == "failed", job
+    assert (job["error"]["code"], job["error"]["retryable"]) == ("payment_refused", False)
+    payment = job["result"]["payment"]
     assert payment["state"] == "failed" and payment["failure_code"] == "payment_refused"
     assert chain.token_balance(stack.chain.token, payee) == before

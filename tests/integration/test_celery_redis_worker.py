@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -132,7 +133,11 @@ def enqueue_sends(
             body = {"to": payee, "amount": str(amount)}
             ids.append(
                 start_job(
-                    s, connection_id=conn_id, action="send", body=body, idempotency_key=None
+                    s,
+                    connection_id=conn_id,
+                    action="send",
+                    body=body,
+                    idempotency_key=f"batch-{secrets.token_hex(8)}",
                 ).job.id
             )
     for job_id in ids:

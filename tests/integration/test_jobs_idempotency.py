@@ -50,14 +50,45 @@ def test_same_key_different_body_is_422(engine: Engine) -> None:
 
 
 def test_keys_are_scoped_per_action_and_missing_key_always_creates(engine: Engine) -> None:
-    a = start(engine, None)
-    b = start(engine, None)
-    assert a.job.id != b.job.id
+    def balance() -> str:
+        with transaction(engine) as s:
+            started = start_job(
+                s, connection_id="conn_a", action="balance", body={}, idempotency_key=None
+            )
+            return started.job.id
+
+    assert balance() != balance()  # an action that moves no money needs no key
     with transaction(engine) as s:
         other = start_job(
             s, connection_id="conn_a", action="refund", body=BODY, idempotency_key="k1"
         )
     assert other.created
+
+
+@pytest.mark.parametrize("action", ["send", "refund", "release"])
+def test_a_money_moving_action_without_a_key_is_refused_and_creates_nothing(
+    engine: Engine, action: str
+) -> None:
+    from sqlalchemy import func, select
+
+    from connector.jobs import IdempotencyKeyRequired
+    from connector.storage.models.payments import Job
+
+    with pytest.raises(IdempotencyKeyRequired) as info, transaction(engine) as s:
+        start_job(s, connection_id="conn_a", action=action, body=BODY, idempotency_key=None)
+    assert info.value.status == 428 and info.value.code == "idempotency_key_required"
+    with transaction(engine) as s:
+        assert s.execute(select(func.count()).select_from(Job)).scalar_one() == 0
+
+
+def test_natural_key_needs_both_run_and_node() -> None:
+    from connector.jobs import natural_key
+
+    assert natural_key("run_1", "node_a") == "wf:run_1:node_a"
+    assert natural_key("run_1", "node_a", "3") == "wf:run_1:node_a:3"
+    assert natural_key("run_1", None) is None and natural_key(None, "node_a") is None
+    # a ':' inside a part cannot make two different (run, node) pairs share a key
+    assert natural_key("a:b", "c") != natural_key("a", "b:c")
 
 
 def test_expired_keys_are_forgotten(engine: Engine) -> None:
@@ -77,8 +108,8 @@ def test_stale_jobs_are_requeued_from_the_database(engine: Engine, tmp_path) -> 
     sent: list[tuple[str, tuple[object, ...]]] = []
     rt = Runtime(settings=Settings(data_dir=tmp_path), engine=engine)
     rt.dispatch = lambda task, args: sent.append((task, args))
-    old = start(engine, None, now=datetime.now(UTC) - timedelta(minutes=5))
-    fresh = start(engine, None)
+    old = start(engine, "stale-1", now=datetime.now(UTC) - timedelta(minutes=5))
+    fresh = start(engine, "stale-2")
     assert requeue_stale_jobs(rt) == 1
     assert sent == [("x402c.run_job", (old.job.id,))]
     assert requeue_stale_jobs(rt) == 0  # touched: not again before the next threshold

@@ -211,11 +211,12 @@ class Job(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     connection_id: str = Field(index=True, max_length=40)
     action: str = Field(max_length=32)
-    status: str = Field(default="queued", max_length=12)  # queued | running | succeeded | failed
+    # queued, running, requires_approval, pending, succeeded, failed: connector/actions/outcome
+    status: str = Field(default="queued", max_length=24)
     input: dict[str, Any] | None = _json()
     result: dict[str, Any] | None = _json()
     error: dict[str, Any] | None = _json()
-    payment_id: str | None = Field(default=None, max_length=40)
+    payment_id: str | None = Field(default=None, index=True, max_length=40)
     attempts: int = 0
     created_at: datetime = _ts()
     updated_at: datetime = _ts()

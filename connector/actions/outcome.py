@@ -1,0 +1,313 @@
+"""The job contract: what a job's status says about its action.
+
+A workflow builder branches on ``job.status`` alone, so the status must be the action's real
+outcome, never "the code ran without raising":
+
+* ``succeeded`` — the action did what was asked (the payment settled, the dry run was simulated,
+  the offer was created, the check was made, the hold was voided…);
+* ``failed`` — it did not, and ``error`` is a problem object with a stable ``code``, the ``rule``
+  when the spending policy refused, and ``retryable`` (true when the same call may succeed later
+  without any change: an outage, a 5xx; false when something must change first);
+* ``requires_approval`` — waiting for admins to approve the payment; not final;
+* ``pending`` — the money's fate is not known yet (handed to a facilitator or a payee that has
+  not settled, a transaction without receipt); not final, and never reported as ``failed``;
+* ``queued`` / ``running`` — not started or in progress.
+
+A waiting job follows its payment: whichever code moves the payment on (an approval, the
+reconciler, a later settle attempt) calls :func:`follow_payment` in the same transaction, so the
+job's status never disagrees with the payment's state. The mapping from payment state to job
+status is :data:`SEND_STATUS`; the docs' table is checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Table, bindparam, select, update
+from sqlmodel import Session, SQLModel
+
+from connector.actions import schemas as s
+from connector.errors import ConnectorError, ExternalServiceError, PolicyRefused
+from connector.payments.states import PaymentState
+from connector.payments.views import payment_snapshot
+from connector.storage.models.payments import Payment, Refund
+
+P = PaymentState
+QUEUED = "queued"
+RUNNING = "running"
+REQUIRES_APPROVAL = "requires_approval"
+PENDING = "pending"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+#: Final statuses: the result and error never change again.
+TERMINAL = frozenset({SUCCEEDED, FAILED})
+#: Not final, waiting on the payment (not on a worker): the job follows the payment.
+WAITING = frozenset({REQUIRES_APPROVAL, PENDING})
+JOB_STATUSES = (QUEUED, RUNNING, REQUIRES_APPROVAL, PENDING, SUCCEEDED, FAILED)
+PROBLEM_BASE = "https://x402c.dev/problems/"
+
+#: The job status of an action whose answer is a payment (send, release), by payment state.
+SEND_STATUS: dict[PaymentState, str] = {
+    P.CREATED: PENDING,
+    P.REQUIRES_APPROVAL: REQUIRES_APPROVAL,
+    P.AUTHORIZED: PENDING,
+    P.SETTLING: PENDING,
+    P.SETTLED: SUCCEEDED,
+    P.SIMULATED: SUCCEEDED,
+    P.REFUNDING: SUCCEEDED,
+    P.PARTIALLY_REFUNDED: SUCCEEDED,
+    P.REFUNDED: SUCCEEDED,
+    P.RELEASED: SUCCEEDED,
+    P.REJECTED: FAILED,
+    P.FAILED: FAILED,
+    P.EXPIRED: FAILED,
+    P.VOIDED: FAILED,
+}
+
+_JOBS: Table = SQLModel.metadata.tables["jobs"]
+_WRITE = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None = None
+
+
+def problem(
+    code: str,
+    title: str,
+    status: int,
+    detail: str,
+    *,
+    retryable: bool,
+    rule: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """An RFC 9457 problem object as a job's ``error`` (``code`` repeats the type's last part)."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "retryable": retryable,
+    }
+    if rule is not None:
+        body["rule"] = rule
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
+def problem_from_error(exc: ConnectorError) -> dict[str, Any]:
+    """A raised error as a job's ``error``. An outside service's failure may pass (retryable);
+    a refusal, a conflict or bad input will not until something changes."""
+    return problem(
+        exc.code,
+        exc.title,
+        exc.status,
+        exc.detail,
+        retryable=isinstance(exc, ExternalServiceError),
+        rule=exc.rule if isinstance(exc, PolicyRefused) else None,
+        field=exc.context.get("field"),
+        payment_id=exc.context.get("payment_id"),
+    )
+
+
+def _payment_problem(payment: dict[str, Any]) -> dict[str, Any]:
+    state = payment["state"]
+    code = payment.get("failure_code")
+    reason = payment.get("failure_reason") or f"the payment ended {state}"
+    pid = payment["id"]
+    if state == P.REJECTED:
+        if code == "approval_rejected":
+            return problem(
+                "approval_rejected", "Rejected by an approver", 403, reason,
+                retryable=False, payment_id=pid,
+            )  # fmt: skip
+        return problem(
+            "policy_refused", "Refused by spending policy", 403, reason,
+            retryable=False, rule=code or "policy", payment_id=pid,
+        )  # fmt: skip
+    if state == P.EXPIRED:
+        return problem(
+            "payment_expired", "The payment expired before it could settle", 409,
+            reason if payment.get("failure_reason") else "the payment expired (approval or "
+            "authorization deadline passed) and nothing moved",
+            retryable=False, payment_id=pid,
+        )  # fmt: skip
+    if state == P.VOIDED:
+        return problem(
+            "payment_voided", "The payment was voided", 409, reason,
+            retryable=False, payment_id=pid,
+        )  # fmt: skip
+    return problem(
+        code or "payment_failed", "The payment failed", 502, reason,
+        retryable=False, payment_id=pid,
+    )  # fmt: skip
+
+
+def payment_status(payment: dict[str, Any]) -> Outcome:
+    """The outcome of an action that answers with this payment (result filled in by caller)."""
+    status = SEND_STATUS[PaymentState(payment["state"])]
+    if status == FAILED:
+        return Outcome(FAILED, None, _payment_problem(payment))
+    return Outcome(status, None)
+
+
+def _http_outcome(result: dict[str, Any]) -> Outcome:
+    """``send`` to a URL that answered without asking for payment: fetched, or an HTTP error."""
+    response = result.get("response") or {}
+    code = int(response.get("status") or 0)
+    if 0 < code < 400:
+        return Outcome(SUCCEEDED, result)
+    error = problem(
+        "http_error",
+        "The URL answered with an error and did not ask for payment",
+        502,
+        f"the URL answered HTTP {code}; nothing was paid",
+        retryable=code >= 500 or code in (408, 425, 429),
+        response_status=code,
+    )
+    return Outcome(FAILED, result, error)
+
+
+def outcome_of(action: str, result: dict[str, Any]) -> Outcome:
+    """The job outcome of an action's output (as dumped to JSON)."""
+    if action == "send":
+        payment = result.get("payment")
+        if payment is None:
+            return _http_outcome(result)
+        found = payment_status(payment)
+    elif action == "void":
+        payment = result["payment"]
+        found = (
+            Outcome(SUCCEEDED, None) if payment["state"] == P.VOIDED else payment_status(payment)
+        )
+    elif action == "release":
+        payment = result["payment"]
+        found = payment_status(payment)
+        if payment["state"] == P.SETTLED and payment.get("custodial"):
+            # custodial escrow: captured into the escrow wallet, not yet forwarded
+            found = Outcome(PENDING, None)
+    elif action == "refund":
+        refund = result["refund"]
+        if refund["state"] == "succeeded":
+            found = Outcome(SUCCEEDED, None)
+        elif refund["state"] == "failed":
+            found = Outcome(
+                FAILED,
+                None,
+                problem(
+                    "refund_failed",
+                    "The refund did not settle",
+                    502,
+                    refund.get("failure_reason") or "the facilitator refused the refund",
+                    retryable=False,
+                    payment_id=refund["payment_id"],
+                    refund_id=refund["id"],
+                ),
+            )
+        else:
+            found = Outcome(PENDING, None)
+    else:  # receive, verify, balance: answered means done (verify's answer is `valid`)
+        found = Outcome(SUCCEEDED, None)
+    return Outcome(found.status, result, found.error)
+
+
+# ------------------------------------------------------------------ results built from rows
+
+
+def send_result(payment: Payment) -> dict[str, Any]:
+    response = payment.response if payment.resource_url and payment.response else None
+    output = s.SendOutput.model_validate(
+        {"payment": payment_snapshot(payment), "response": response}
+    )
+    return output.model_dump(mode="json", by_alias=True)
+
+
+def payment_result(payment: Payment) -> dict[str, Any]:
+    output = s.PaymentOutput(payment=s.PaymentView.model_validate(payment_snapshot(payment)))
+    return output.model_dump(mode="json", by_alias=True)
+
+
+def refund_result(refund: Refund, payment: Payment) -> dict[str, Any]:
+    output = s.RefundOutput(
+        refund=s.RefundView(
+            id=refund.id,
+            payment_id=refund.payment_id,
+            amount=str(refund.amount),
+            state=refund.state,
+            tx_hash=refund.tx_hash,
+            failure_reason=refund.failure_reason,
+        ),
+        payment=s.PaymentView.model_validate(payment_snapshot(payment)),
+    )
+    return output.model_dump(mode="json", by_alias=True)
+
+
+def write(session: Session, job_id: str, outcome: Outcome, payment_id: str | None = None) -> None:
+    """Record an outcome on the job row (status, result and error together; a stale error from an
+    earlier retry is cleared)."""
+    from datetime import UTC, datetime
+
+    values: dict[str, Any] = {
+        "status": outcome.status,
+        "result": outcome.result,
+        "error": outcome.error,
+        "updated_at": datetime.now(UTC),
+        "b_id": job_id,
+    }
+    if payment_id is not None:
+        values["payment_id"] = payment_id
+    session.execute(_WRITE, values)
+
+
+# ------------------------------------------------------------------ jobs that follow a payment
+
+
+def may_have_waiting_job(payment: Payment, source: str) -> bool:
+    """Whether a payment that just left ``source`` can have a job waiting on it.
+
+    Cheap and conservative, so that hot paths skip the lookup: a payment paid through a paywall
+    with automatic capture, or settled by the job that is running it, never has a waiting job.
+    """
+    if payment.state == P.SETTLING:
+        return False
+    if source in (P.REQUIRES_APPROVAL, P.REFUNDING):
+        return True
+    if source in (P.AUTHORIZED, P.SETTLING):
+        return (
+            payment.direction == "outgoing"
+            or payment.hold_expires_at is not None
+            or bool(payment.custodial)
+        )
+    return False
+
+
+def follow_payment(session: Session, payment: Payment) -> None:
+    """Bring every job waiting on ``payment`` up to date, in the caller's transaction."""
+    rows = session.execute(
+        select(_JOBS.c.id, _JOBS.c.action, _JOBS.c.result).where(
+            _JOBS.c.payment_id == payment.id, _JOBS.c.status.in_(sorted(WAITING))
+        )
+    ).all()
+    for job_id, action, previous in rows:
+        if action == "send":
+            result = send_result(payment)
+        elif action == "refund":
+            refund_id = ((previous or {}).get("refund") or {}).get("id")
+            refund = session.get(Refund, refund_id) if refund_id else None
+            if refund is None:
+                continue
+            result = refund_result(refund, payment)
+        else:
+            result = payment_result(payment)
+        found = outcome_of(action, result)
+        if action == "release" and found.status == PENDING and payment.state == P.SETTLED:
+            # captured into custodial escrow: the forward is the job's own work; run it again
+            # (the stale-job sweep picks queued jobs up)
+            found = Outcome(QUEUED, result)
+        write(session, job_id, found)
