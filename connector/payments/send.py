@@ -117,6 +117,8 @@ def prepare_send(
                 return SendPrepared(existing, None)
 
     resource: dict[str, Any] | None = None
+    paying_url = inp.url  # the URL that asked for payment: the only one that gets the header
+    via: tuple[str, ...] = ()
     if inp.url is not None:
         try:
             probe = proto.fetcher_for(rt).fetch(
@@ -127,6 +129,9 @@ def prepare_send(
             raise FetchFailed(exc.detail, retryable=False, url=inp.url) from exc
         if probe.status != 402:
             return SendPrepared(None, probe)
+        # After redirects, the 402 came from another URL than the one asked for: that URL is the
+        # one the policy judges and the one the signed header is sent to, never the first hop.
+        paying_url, via = probe.url, tuple(probe.redirects)
         offer = proto.parse_payment_required(probe)
         chosen, refusal = proto.choose_requirement(offer, ctx, inp)
         version = offer.version
@@ -150,7 +155,7 @@ def prepare_send(
         payee=requirement.pay_to,
         scheme=requirement.scheme,
         x402_version=version,
-        resource_url=inp.url,
+        resource_url=paying_url,
         description=inp.description,
         requirement=chosen.raw,
         idempotency_key=idempotency_key,
@@ -159,8 +164,9 @@ def prepare_send(
     )
     with _same_or_new(rt, uow) as uow:
         steps = decide(
-            uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now
-        )
+            uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now,
+            via=via,
+        )  # fmt: skip
         counted = bool(steps) and steps[-1].target is S.AUTHORIZED
         if counted:
             # Signed: hand it to settlement in the same commit. The authorization is stored
@@ -204,6 +210,7 @@ def decide(
     now: datetime,
     *,
     approved: bool = False,
+    via: tuple[str, ...] = (),
 ) -> list[Step]:
     """Run the policy on a ``created`` (or approved) payment and sign if everything agrees.
 
@@ -227,6 +234,7 @@ def decide(
                 network=payment.network,
                 payee=payment.payee,
                 url=payment.resource_url,
+                via=via,
             ),
         )
         if payment.dry_run:

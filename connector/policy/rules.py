@@ -107,7 +107,10 @@ class Candidate:
     asset: str
     network: str
     payee: str
-    url: str | None = None
+    url: str | None = None  # the URL that answered 402 (where the payment header would go)
+    # URLs the request passed through before ``url`` (the one asked for, redirect hops): the
+    # domain rules hold for each, so an allowed host cannot launder a payment to another one
+    via: tuple[str, ...] = ()
 
 
 def _domain_matches(host: str, patterns: list[str]) -> bool:
@@ -130,12 +133,16 @@ def check_static_rules(policy: SpendingPolicy, candidate: Candidate) -> None:
         raise PolicyRefused(f"payee {candidate.payee} is on the deny list", rule="payee_deny")
     if policy.payee_allow and payee not in policy.payee_allow:
         raise PolicyRefused(f"payee {candidate.payee} is not on the allow list", rule="payee_allow")
-    if candidate.url is not None:
-        host = (urlsplit(candidate.url).hostname or "").lower().strip(".")
+    urls = [*candidate.via, candidate.url] if candidate.url is not None else []
+    for url in urls:
+        host = (urlsplit(url).hostname or "").lower().strip(".")
+        where = "" if url == candidate.url else " (on the way to the 402)"
         if _domain_matches(host, policy.domain_deny):
-            raise PolicyRefused(f"domain {host} is on the deny list", rule="domain_deny")
+            raise PolicyRefused(f"domain {host}{where} is on the deny list", rule="domain_deny")
         if policy.domain_allow and not _domain_matches(host, policy.domain_allow):
-            raise PolicyRefused(f"domain {host} is not on the allow list", rule="domain_allow")
+            raise PolicyRefused(
+                f"domain {host}{where} is not on the allow list", rule="domain_allow"
+            )
 
 
 def needs_approval(policy: SpendingPolicy, amount: int) -> bool:
