@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from fastapi import Depends, HTTPException, Request
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session
 
 from api.ratelimit import FailureLimiter
 from connector import admin_keys
+from connector.errors import Conflict, ConnectorError
 from connector.runtime import Runtime
 from connector.storage.db import CONNECTION_ERRORS, UnitOfWork
 from connector.storage.models.connections import AdminKey
@@ -35,10 +37,38 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
-def session(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
+class CommitFailed(ConnectorError):
+    """The request's transaction could not be committed: the change was not (or may not have
+    been) saved. Never answered as a success."""
+
+    code = "commit_failed"
+    status = 503
+    title = "The change could not be saved"
+
+
+def _unit_of_work(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
     with UnitOfWork(rt.engine) as uow:
         yield uow.session
-        uow.commit()
+        try:
+            uow.commit()
+        except IntegrityError as exc:
+            uow.rollback()
+            raise Conflict(
+                "the change contradicts stored data and was not saved; nothing changed"
+            ) from exc
+        except SQLAlchemyError as exc:
+            uow.rollback()
+            raise CommitFailed(
+                "the database did not confirm the change; read the resource back before "
+                "retrying"
+            ) from exc
+
+
+def session(s: Session = Depends(_unit_of_work, scope="function")) -> Session:
+    """The request's session. Committed when the route returns and BEFORE the response is sent
+    (``scope="function"``): a commit that fails is a problem response, never a 200 with values
+    that were not saved. (A plain yield dependency would commit after the response is out.)"""
+    return s
 
 
 #: The request's unit of work, committed when the route function returns and *before* the
