@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -388,24 +389,43 @@ def pay(
     url: str,
     connection_id: Annotated[str, typer.Option("--connection", help="Paying connection.")],
     max_amount: Annotated[str | None, typer.Option(help="Refuse prices above this.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Retry an earlier `pay` with its key: it never pays twice."),
+    ] = None,
 ) -> None:
     """Pay an x402-protected URL with a connection's wallet and print the response."""
     from connector.actions.schemas import SendInput
     from connector.actions.service import run_job
-    from connector.jobs import get_job, start_job
+    from connector.jobs import finish_request, get_job, start_job
     from connector.storage.db import transaction
 
     rt = _runtime()
     body = SendInput(url=url, max_amount=max_amount).model_dump(exclude_none=True)
+    if idempotency_key is None:  # money moves: every payment carries a key, shown for a retry
+        idempotency_key = "cli-" + secrets.token_hex(12)
+        err.print(
+            f"idempotency key: {idempotency_key} (retry with --idempotency-key to never pay twice)"
+        )
     with transaction(rt.engine) as session:
-        job = start_job(
-            session, connection_id=connection_id, action="send", body=body, idempotency_key=None
-        ).job
-    with console.status(f"paying {url}…"):
-        run_job(rt, job.id)
+        started = start_job(
+            session,
+            connection_id=connection_id,
+            action="send",
+            body=body,
+            idempotency_key=idempotency_key,
+        )
+    job = started.job
+    try:
+        with console.status(f"paying {url}…"):
+            run_job(rt, job.id)
+    finally:
+        with transaction(rt.engine) as session:
+            finish_request(session, started.idempotency_record_id)
     with transaction(rt.engine) as session:
         done = get_job(session, job.id)
-    console.print_json(json.dumps(done.result or done.error))
+    console.print(f"job {done.id}: {done.status}")
+    console.print_json(json.dumps({"result": done.result, "error": done.error}))
     raise typer.Exit(0 if done.status == "succeeded" else 1)
 
 

@@ -59,8 +59,7 @@ def _unit_of_work(rt: Runtime = Depends(runtime)) -> Iterator[Session]:
         except SQLAlchemyError as exc:
             uow.rollback()
             raise CommitFailed(
-                "the database did not confirm the change; read the resource back before "
-                "retrying"
+                "the database did not confirm the change; read the resource back before retrying"
             ) from exc
 
 

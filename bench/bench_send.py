@@ -178,6 +178,7 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
         else:
             raise SystemExit("workers did not come up")
         start = time.perf_counter()
+        run_tag = secrets.token_hex(6)
         with transaction(rt.engine) as s:
             ids = [
                 start_job(
@@ -185,9 +186,9 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
                     connection_id=conn_id,
                     action="send",
                     body={"to": chain.accounts[19].address, "amount": "1"},
-                    idempotency_key=None,
+                    idempotency_key=f"bench-{run_tag}-{i}",  # money moves: a key is required
                 ).job.id
-                for _ in range(N)
+                for i in range(N)
             ]
         for job_id in ids:
             app.send_task("x402c.run_job", args=[job_id])
