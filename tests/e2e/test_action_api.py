@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import jsonschema
 import pytest
@@ -78,6 +79,63 @@ def test_idempotency_key_semantics(agent: Agent, stack: Stack) -> None:
     different = agent.call("send", {**body, "amount": "4"}, key=key)
     assert different.status_code == 422
     assert different.json()["type"].endswith("/idempotency_key_reused")
+
+
+@pytest.mark.parametrize("action", ["send", "refund", "release"])
+def test_a_money_moving_call_without_any_key_is_refused_428(
+    agent: Agent, stack: Stack, action: str
+) -> None:
+    bodies = {
+        "send": {"to": stack.accounts[18].address, "amount": "2"},
+        "refund": {"payment_id": "pay_" + "0" * 26},
+        "release": {"payment_id": "pay_" + "0" * 26},
+    }
+    before = agent.balance()
+    payments_before = agent.http.get("/v1/admin/payments", params={"limit": 200}).json()["data"]
+    for _ in range(2):  # a retry without a key is refused the same way: nothing runs
+        response = agent.http.post(
+            f"/v1/connections/{agent.connection_id}/actions/{action}",
+            params={"wait": 5},
+            json=bodies[action],
+        )
+        assert response.status_code == 428, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        problem = response.json()
+        assert problem["type"].endswith("/idempotency_key_required")
+        assert "X-Workflow-Run-Id" in problem["detail"] and "Idempotency-Key" in problem["detail"]
+    assert agent.balance() == before
+    payments_after = agent.http.get("/v1/admin/payments", params={"limit": 200}).json()["data"]
+    assert len(payments_after) == len(payments_before)
+
+
+def test_the_action_nodes_natural_key_makes_a_retry_pay_once(agent: Agent, stack: Stack) -> None:
+    payee = stack.accounts[18].address
+    before = agent.balance()
+    run = str(uuid.uuid4())
+
+    def call(node: str, item: str | None = None) -> dict[str, Any]:
+        headers = {"x-workflow-run-id": run, "x-workflow-node-id": node}
+        if item is not None:
+            headers["x-workflow-item"] = item
+        response = agent.http.post(
+            f"/v1/connections/{agent.connection_id}/actions/send",
+            params={"wait": 30},
+            json={"to": payee, "amount": "2"},
+            headers=headers,
+        )
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        assert job["status"] == "succeeded", job
+        return job
+
+    first = call("pay-node")
+    again = call("pay-node")  # the workflow engine retried the node
+    assert again["id"] == first["id"]
+    assert agent.balance() == before - 2
+    other_node = call("another-node")
+    next_item = call("pay-node", item="1")
+    assert len({first["id"], other_node["id"], next_item["id"]}) == 3
+    assert agent.balance() == before - 6
 
 
 def test_async_call_returns_202_and_job_can_be_polled(agent: Agent) -> None:

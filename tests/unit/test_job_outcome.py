@@ -116,9 +116,7 @@ def test_release_outcomes() -> None:
     assert outcome_of("release", {"payment": payment("settling")}).status == "pending"
     forwarded_not_yet = outcome_of("release", {"payment": payment("settled", custodial=True)})
     assert forwarded_not_yet.status == "pending"
-    failed = outcome_of(
-        "release", {"payment": payment("failed", failure_code="settlement_failed")}
-    )
+    failed = outcome_of("release", {"payment": payment("failed", failure_code="settlement_failed")})
     assert failed.status == "failed" and failed.error is not None
     assert failed.error["code"] == "settlement_failed"
 
