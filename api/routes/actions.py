@@ -19,7 +19,7 @@ from connector import admin_keys, jobs
 from connector.actions import outcome
 from connector.actions.manifest import build_manifest
 from connector.actions.registry import ACTIONS as ACTION_SPECS
-from connector.actions.registry import JOB_MODELS, ActionSpec
+from connector.actions.registry import JOB_MODELS, ActionSpec, AnyJob
 from connector.connections import service as connections
 from connector.errors import NotFound
 from connector.logs import get_logger
@@ -189,8 +189,28 @@ def _action_endpoint(spec: ActionSpec) -> Callable[..., Awaitable[JSONResponse]]
     return endpoint
 
 
+def _responses(spec: ActionSpec, job: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    answers: dict[int | str, dict[str, Any]] = {
+        200: {"model": job, "description": "The job, final."},
+        202: {"model": job, "description": "The job, not final yet."},
+        409: {
+            "description": "`idempotency_in_flight`: the first request with this key is still "
+            "being answered (problem+json)."
+        },
+        422: {
+            "description": "`validation_failed` (the body does not fit the input schema) or "
+            "`idempotency_key_reused` (problem+json)."
+        },
+    }
+    if spec.moves_money:
+        answers[428] = {
+            "description": "`idempotency_key_required`: this action moves money and the call "
+            "carried no idempotency key (problem+json)."
+        }
+    return answers
+
+
 for _spec in ACTION_SPECS:
-    _job_model = JOB_MODELS[_spec.key]
     router.add_api_route(
         f"/v1/connections/{{connection_id}}/actions/{_spec.key}",
         _action_endpoint(_spec),
@@ -201,10 +221,7 @@ for _spec in ACTION_SPECS:
         operation_id=f"action_{_spec.key}",
         response_model=None,
         status_code=200,
-        responses={
-            200: {"model": _job_model, "description": "The job, final."},
-            202: {"model": _job_model, "description": "The job, not final yet."},
-        },
+        responses=_responses(_spec, JOB_MODELS[_spec.key]),
     )
 
 
@@ -213,7 +230,11 @@ def unknown_action(connection_id: str, action: str, _: AdminKey = ACTIONS) -> No
     raise NotFound(f"unknown action {action!r}; see GET /v1/manifest")
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=None,
+    responses={200: {"model": AnyJob, "description": "The job; `action` tells its shape."}},
+)
 def get_job(job_id: str, key: AdminKey = ACTIONS, rt: Runtime = Depends(runtime)) -> dict[str, Any]:
     with UnitOfWork(rt.engine) as uow:
         job = jobs.get_job(uow.session, job_id)

@@ -7,7 +7,7 @@ list, so an action cannot exist in one and be missing in another.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, create_model
 
@@ -112,3 +112,6 @@ def _job_model(spec: ActionSpec) -> type[BaseModel]:
 
 #: One job model per action, for the API's typed responses (discriminated by ``action``).
 JOB_MODELS: dict[str, type[BaseModel]] = {a.key: _job_model(a) for a in ACTIONS}
+
+#: Any job: the per-action job shapes, told apart by ``action`` (an OpenAPI discriminator).
+AnyJob = Annotated[Union[tuple(JOB_MODELS.values())], Field(discriminator="action")]  # type: ignore[valid-type]  # noqa: UP007

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from api.stack import Stack
-from connector.actions.registry import ACTIONS
+from connector.actions.registry import ACTIONS, JOB_MODELS
 from tests.fixtures.stack import Agent, make_agent
 
 pytestmark = [pytest.mark.chain, pytest.mark.xdist_group("stack")]
@@ -51,6 +51,7 @@ def test_every_manifest_action_really_runs(agent: Agent, stack: Stack) -> None:
     for key, body in inputs.items():
         response = agent.call(key, body)
         assert response.status_code == 200 and response.json()["status"] == "succeeded", key
+        JOB_MODELS[key].model_validate(response.json())  # the documented (OpenAPI) job shape
     assert seller.run("release", {"payment_id": held["id"]})["payment"]["state"] == "settled"
     settled = seller.http.get(
         "/v1/admin/payments", params={"connection_id": seller.connection_id, "state": "settled"}
