@@ -35,16 +35,25 @@ def actions_page() -> str:
         "# Action reference",
         "",
         "Generated from the same Pydantic models that validate input (`scripts/gen_docs.py`).",
-        "Call an action with `POST /v1/connections/{connection_id}/actions/{key}` and an",
-        "`Idempotency-Key` header; add `?wait=N` to wait up to N seconds for the result (200),",
-        "otherwise you get `202` and a job to poll at `GET /v1/jobs/{id}`.",
+        "Call an action with `POST /v1/connections/{connection_id}/actions/{key}`; add",
+        "`?wait=N` to wait up to N seconds for a final result (`200`), otherwise you get `202`",
+        "and a job to poll at `GET /v1/jobs/{id}`. The job's `status` is the action's real",
+        "outcome: `succeeded`, `failed` (with `error.code`, `error.rule`, `error.retryable`),",
+        "or, not final yet, `requires_approval` / `pending` (see",
+        "[workflow-builder.md](workflow-builder.md#the-job-contract)).",
+        "Actions that move money need an idempotency key: the `Idempotency-Key` header or the",
+        "node's natural key (`X-Workflow-Run-Id` + `X-Workflow-Node-Id`); without one: `428`.",
         'Amounts are decimal strings of atomic units (1 USDC = `"1000000"`).',
         "",
     ]
     for action in manifest["actions"]:
         out += [f"## `{action['key']}` — {action['title']}", "", action["description"], ""]
         if action["moves_money"]:
-            out += ["Moves money: subject to the connection's spending policy.", ""]
+            out += [
+                "Moves money: subject to the connection's spending policy; an idempotency key "
+                "is required.",
+                "",
+            ]
         out += ["| input | type | required | meaning |", "|---|---|---|---|"]
         out += _fields(action["input_schema"])
         out += [

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from connector import __version__
-from connector.actions.registry import ACTIONS
+from connector.actions.outcome import JOB_STATUSES, TERMINAL
+from connector.actions.registry import ACTIONS, JOB_MODELS
 from connector.connections.schemas import ConnectionCreate
 from connector.events.catalogue import API_VERSION, EVENT_TYPES
+from connector.jobs import NATURAL_KEY_HEADERS
 
 SECRET_FIELDS = ("api_key", "webhook_secret", "private_key")
 
@@ -90,6 +92,34 @@ def _sample_output(key: str) -> dict[str, Any]:
     return {"payment": SAMPLE_PAYMENT}
 
 
+#: How a workflow builder reads a job (the same text as docs/workflow-builder.md, in short).
+JOB_CONTRACT: dict[str, Any] = {
+    "statuses": list(JOB_STATUSES),
+    "final": sorted(TERMINAL),
+    "meaning": {
+        "succeeded": "The action did what was asked; `result` is its output.",
+        "failed": "It did not. `error` is a problem object: `code`, `rule` (which policy rule "
+        "refused), `retryable` (the same call may succeed later unchanged).",
+        "requires_approval": "The payment waits for admins; the job resolves by itself.",
+        "pending": "The money's fate is not known yet (not failed); the job resolves by itself.",
+        "queued": "Not started yet.",
+        "running": "In progress.",
+    },
+    "http": "200 when the job is final, 202 otherwise (poll GET /v1/jobs/{id}).",
+}
+
+
+def _idempotency(moves_money: bool) -> dict[str, Any]:
+    """How a call is made safe to retry; required when the action moves money (428 without)."""
+    return {
+        "required": moves_money,
+        "header": "Idempotency-Key",
+        "natural_key_headers": list(NATURAL_KEY_HEADERS),
+        "natural_key": "X-Workflow-Run-Id + X-Workflow-Node-Id (+ X-Workflow-Item for a node "
+        "that runs once per list item), used when no Idempotency-Key is sent",
+    }
+
+
 def build_manifest(base_url: str) -> dict[str, Any]:
     credentials = ConnectionCreate.model_json_schema()
     props = credentials.get("properties", {})
@@ -118,12 +148,15 @@ def build_manifest(base_url: str) -> dict[str, Any]:
                 "moves_money": a.moves_money,
                 "endpoint": f"{base_url}/v1/connections/{{connection_id}}/actions/{a.key}",
                 "modes": ["async", "sync"],
+                "idempotency": _idempotency(a.moves_money),
                 "input_schema": a.input_model.model_json_schema(),
                 "output_schema": a.output_model.model_json_schema(by_alias=True),
+                "job_schema": JOB_MODELS[a.key].model_json_schema(by_alias=True),
                 "sample_output": _sample_output(a.key),
             }
             for a in ACTIONS
         ],
+        "job_contract": JOB_CONTRACT,
         "triggers": [
             {
                 "key": event_type,

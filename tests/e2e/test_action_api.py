@@ -27,6 +27,20 @@ def test_manifest_schemas_are_valid_json_schema(agent: Agent) -> None:
         jsonschema.Draft202012Validator.check_schema(action["input_schema"])
         jsonschema.Draft202012Validator.check_schema(action["output_schema"])
         jsonschema.validate(action["sample_output"], action["output_schema"])
+        jsonschema.Draft202012Validator.check_schema(action["job_schema"])
+        sample_job = {
+            "id": "job_1", "object": "job", "action": action["key"], "status": "succeeded",
+            "connection_id": "conn_1", "payment_id": None, "result": action["sample_output"],
+            "error": None, "created_at": "t", "updated_at": "t",
+        }  # fmt: skip
+        jsonschema.validate(sample_job, action["job_schema"])
+        # money-moving actions say they need a key, and how the node's natural key is formed
+        assert action["idempotency"]["required"] is action["moves_money"]
+        assert action["idempotency"]["natural_key_headers"][:2] == [
+            "X-Workflow-Run-Id",
+            "X-Workflow-Node-Id",
+        ]
+    assert {"requires_approval", "pending"} <= set(manifest["job_contract"]["statuses"])
     jsonschema.Draft202012Validator.check_schema(manifest["credentials"]["schema"])
     secret = manifest["credentials"]["schema"]["properties"]["private_key"]
     assert secret["writeOnly"] is True
