@@ -398,3 +398,26 @@ def test_the_claim_is_committed_before_the_token_domain_is_read_from_the_chain(
     result = service.run_job(rt, job_id)
     assert result is not None and result["payment"]["state"] == "settled"
     assert seen and seen[0][:2] == ("running", 1)  # no transaction was open across the RPC
+
+
+def test_definite_failures_of_the_other_actions_are_failed_with_a_typed_problem(
+    buyer: Agent, seller: Agent
+) -> None:
+    """receive, release, void, refund and verify: a refusal is `failed` (final, HTTP 200) with a
+    problem whose `code` and `retryable` a workflow can branch on — never `succeeded`."""
+    bad_network = seller.fail("receive", {"amount": "5", "network": "not-a-network"})
+    assert (bad_network["code"], bad_network["retryable"]) == ("validation_failed", False)
+    assert bad_network["field"] == "network"
+    missing = "pay_" + "0" * 26
+    for action in ("release", "void", "refund"):
+        error = seller.fail(action, {"payment_id": missing})
+        assert (error["code"], error["status"], error["retryable"]) == ("not_found", 404, False)
+    # a settled (not held) payment cannot be voided: the state machine says why
+    request = offer(seller, 1_111)
+    buyer.run("send", {"url": request["url"]})
+    settled = next(p for p in incoming(seller, "settled") if p["amount"] == "1111")
+    refused = seller.fail("void", {"payment_id": settled["id"]})
+    assert (refused["code"], refused["retryable"]) == ("illegal_transition", False)
+    # verify: a transaction that does not exist is a successful check whose answer is "no"
+    answer = buyer.run("verify", {"tx_hash": "0x" + "11" * 32})
+    assert (answer["valid"], answer["reason"]) == (False, "transaction_not_found")
