@@ -14,7 +14,7 @@ import base64
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -49,6 +49,18 @@ class Fetched:
 
 
 URLGuard = Callable[[str], None]
+#: Request headers meant for one origin only: dropped when a redirect leads to another origin.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+def same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def without_credentials(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The caller's headers minus credentials, for a request to another origin than theirs."""
+    return {k: v for k, v in (headers or {}).items() if k.lower() not in CREDENTIAL_HEADERS}
 
 
 def _no_guard(url: str) -> None:
@@ -106,7 +118,10 @@ class HttpFetcher:
                         url=url,
                     )
                 hops.append(current)
-                current = urljoin(current, location)
+                nxt = urljoin(current, location)
+                if not same_origin(current, nxt):
+                    headers = without_credentials(headers)
+                current = nxt
                 continue
             return fetched
 

@@ -37,7 +37,7 @@ from connector.ids import new_id
 from connector.jobs import link_payment
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
-from connector.payments.http_fetch import Fetched, FetchFailed
+from connector.payments.http_fetch import Fetched, FetchFailed, same_origin, without_credentials
 from connector.payments.machine import Step, advance, insert_payment, transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, authorization_used, outcome
 from connector.payments.states import PaymentState
@@ -338,7 +338,10 @@ def _pay_url(
     assert payment.signed_payload is not None and payment.resource_url is not None
     name, value = proto.payment_header(payment.x402_version or 2, payment.signed_payload)
     method = inp.method if inp else "GET"
-    headers = {**(inp.headers if inp else {}), name: value}
+    own = inp.headers if inp else {}
+    if inp is not None and inp.url is not None and not same_origin(inp.url, payment.resource_url):
+        own = without_credentials(own)  # reached by a redirect: not the origin they were for
+    headers = {**own, name: value}
     body = _request_body(inp) if inp else None
     try:
         fetched = proto.fetcher_for(rt).fetch(
