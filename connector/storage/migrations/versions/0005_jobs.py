@@ -5,7 +5,7 @@ payment's outcome is known), so the status column grows; a job waiting on a paym
 ``payment_id`` whenever that payment moves on.
 
 Revision ID: 0005_jobs
-Revises: 0003_principals
+Revises: 0006b_networks
 """
 
 from collections.abc import Sequence
@@ -15,7 +15,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0005_jobs"
-down_revision: str | None = "0003_principals"
+down_revision: str | None = "0006b_networks"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
