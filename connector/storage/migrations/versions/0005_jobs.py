@@ -5,7 +5,7 @@ payment's outcome is known), so the status column grows; a job waiting on a paym
 ``payment_id`` whenever that payment moves on.
 
 Revision ID: 0005_jobs
-Revises: 0006b_networks
+Revises: 0002_unknown_outcomes
 """
 
 from collections.abc import Sequence
@@ -15,7 +15,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0005_jobs"
-down_revision: str | None = "0006b_networks"
+down_revision: str | None = "0002_unknown_outcomes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
