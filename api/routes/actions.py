@@ -189,23 +189,29 @@ def _action_endpoint(spec: ActionSpec) -> Callable[..., Awaitable[JSONResponse]]
     return endpoint
 
 
+_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
 def _responses(spec: ActionSpec, job: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     answers: dict[int | str, dict[str, Any]] = {
         200: {"model": job, "description": "The job, final."},
         202: {"model": job, "description": "The job, not final yet."},
         409: {
             "description": "`idempotency_in_flight`: the first request with this key is still "
-            "being answered (problem+json)."
+            "being answered (problem+json).",
+            "content": _PROBLEM,
         },
         422: {
             "description": "`validation_failed` (the body does not fit the input schema) or "
-            "`idempotency_key_reused` (problem+json)."
+            "`idempotency_key_reused` (problem+json).",
+            "content": _PROBLEM,
         },
     }
     if spec.moves_money:
         answers[428] = {
             "description": "`idempotency_key_required`: this action moves money and the call "
-            "carried no idempotency key (problem+json)."
+            "carried no idempotency key (problem+json).",
+            "content": _PROBLEM,
         }
     return answers
 

@@ -184,7 +184,7 @@ def test_the_largest_uint256_is_accepted(api: ApiHarness, connection_id: str) ->
     response = api.client.post(
         f"/v1/connections/{connection_id}/actions/send",
         json={"to": "0x" + "11" * 20, "amount": str(2**256 - 1), "dry_run": True},
-        headers=api.auth(),
+        headers={**api.auth(), "idempotency-key": "largest-uint256"},  # send needs a key
     )
     assert response.status_code == 202, response.text
 
