@@ -15,7 +15,7 @@ import sqlmodel
 from alembic import op
 
 revision: str = "0005_jobs"
-down_revision: str | None = "0002_unknown_outcomes"
+down_revision: str | None = "0004_event_sequence"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
