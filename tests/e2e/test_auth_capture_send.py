@@ -110,8 +110,11 @@ def test_send_refuses_an_auth_capture_offer_it_cannot_honour(stack: Stack) -> No
     ).to_v2()
     req["extra"] = {**req["extra"], "authCaptureEscrow": stack.accounts[13].address}
     with LiveServer(escrow_shop(stack, req, [])) as server:
-        result = buyer.run("send", {"url": server.url + "/held"})
-    payment = result["payment"]
-    assert payment["state"] == "rejected", result
+        job = buyer.job("send", {"url": server.url + "/held"})
+    # A refused offer is a failed job (the job contract), carrying the rejected payment.
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "policy_refused", job
+    payment = job["result"]["payment"]
+    assert payment["state"] == "rejected", job
     assert payment["failure_code"] == "no_acceptable_offer"
     assert "invalid_authCapture_extra" in payment["failure_reason"]

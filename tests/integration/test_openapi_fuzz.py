@@ -178,7 +178,8 @@ def _run(
     assert operation is not None
 
     # No worker runs here: a job never finishes, so waiting for it would only stall the run.
-    query = {"wait": 0} if "{action}" in label else None
+    # Each action has its own operation (…/actions/send, …) besides the generic {action} one.
+    query = {"wait": 0} if "/actions/" in label else None
     strategy = operation.as_strategy(
         generation_mode=mode, path_parameters=fixed or None, query=query
     )
