@@ -20,6 +20,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from hypothesis.stateful import run_state_machine_as_test
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -228,3 +229,37 @@ def test_errors_are_documented_as_problem_json_and_docs_can_authorize() -> None:
             )
             if not path.startswith(public):
                 assert operation["security"] == [{"bearerAuth": []}], (method, path)
+
+
+def test_api_conforms_in_stateful_sequences(api_schema: Any, harness: tuple[Any, str]) -> None:
+    """Stateful: schemathesis infers links between operations (a created connection's id fed to
+    its reads, updates and actions, …) and runs sequences of calls. Every answer of every step
+    passes the same checks as the stateless run."""
+    _, key = harness
+    machine = api_schema.as_state_machine()
+    seen: list[tuple[str, int]] = []
+
+    class Workflow(machine):  # type: ignore[misc,valid-type]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": {"authorization": f"Bearer {key}"}}
+
+        def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
+            seen.append((case.operation.label, response.status_code))
+            case.validate_response(response, checks=CHECKS)
+
+    run_state_machine_as_test(
+        Workflow,
+        settings=settings(
+            max_examples=EXAMPLES * 3,
+            stateful_step_count=8,
+            derandomize=True,  # a fixed seed
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        ),
+    )
+    # The run really walked the API: many operations, several of them answered with success.
+    operations = {label for label, _ in seen}
+    succeeded = {label for label, status in seen if status < 300}
+    assert len(operations) >= 10, seen
+    assert len(succeeded) >= 3, seen
