@@ -104,6 +104,7 @@ def install_openapi(app: FastAPI, is_public: Callable[[str], bool]) -> None:
                     operation["security"] = [{"bearerAuth": []}]
                     responses.setdefault("401", _problem("Missing, invalid or revoked API key."))
                     responses.setdefault("403", _problem("The key lacks the needed scope."))
+                    responses.setdefault("429", _too_many_failures())
                 if method in ("post", "put", "patch"):
                     responses.setdefault("413", _problem("Request body too large."))
                 responses["default"] = _problem("Any other error, as an RFC 9457 problem.")
@@ -111,3 +112,16 @@ def install_openapi(app: FastAPI, is_public: Callable[[str], bool]) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _too_many_failures() -> dict[str, Any]:
+    """The failed-authentication limit (per client address and key prefix) can answer any
+    operation that needs a key, so every such operation documents it."""
+    response = _problem(
+        "Too many failed authentications from this client address or key prefix; "
+        "retry after `Retry-After` seconds."
+    )
+    response["headers"] = {
+        "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}
+    }
+    return response

@@ -229,6 +229,8 @@ def test_errors_are_documented_as_problem_json_and_docs_can_authorize() -> None:
             )
             if not path.startswith(public):
                 assert operation["security"] == [{"bearerAuth": []}], (method, path)
+                # The failed-authentication limit can answer any keyed operation.
+                assert "Retry-After" in responses["429"]["headers"], (method, path)
 
 
 def test_api_conforms_in_stateful_sequences(api_schema: Any, harness: tuple[Any, str]) -> None:
