@@ -104,13 +104,27 @@ def setup_dev_token(
     for tx in hashes:
         if client.wait_for_receipt(tx).status != 1:
             raise TransactionReverted("funding mint reverted", tx_hash=tx)
+    return _chain_info(client, token, TOKEN_NAME, TOKEN_VERSION, minter, fund)
+
+
+def _chain_info(
+    client: ChainClient,
+    token: str,
+    name: str,
+    version: str,
+    minter: LocalAccount,
+    fund: list[str] | None,
+) -> DevChainInfo:
+    """What a deployment tells its users: one shape whether the token was deployed fresh or
+    placed at a fixed address."""
+    chain_id = client.chain_id()
     return DevChainInfo(
         rpc_url=client.rpc_url,
-        chain_id=client.chain_id(),
-        network=f"eip155:{client.chain_id()}",
+        chain_id=chain_id,
+        network=f"eip155:{chain_id}",
         token=token,
-        token_name=TOKEN_NAME,
-        token_version=TOKEN_VERSION,
+        token_name=name,
+        token_version=version,
         decimals=6,
         minter=minter.address,
         funded=list(fund or []),
@@ -146,17 +160,7 @@ def setup_token_at(
         client.rpc("anvil_setStorageAt", [target, hex(slot), "0x" + value[2:].rjust(64, "0")])
     for account in fund or []:
         mint(client, target, minter, account, amount)
-    return DevChainInfo(
-        rpc_url=client.rpc_url,
-        chain_id=client.chain_id(),
-        network=f"eip155:{client.chain_id()}",
-        token=target,
-        token_name=name,
-        token_version=version,
-        decimals=6,
-        minter=minter.address,
-        funded=list(fund or []),
-    )
+    return _chain_info(client, target, name, version, minter, fund)
 
 
 def start_devchain(
