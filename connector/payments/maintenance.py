@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlmodel import Session, col
 
 from connector.errors import ConcurrentUpdate, ExternalServiceError, IllegalTransition
@@ -36,6 +37,8 @@ S = PaymentState
 
 HOLD_WARNING = timedelta(minutes=5)
 SETTLING_GRACE = timedelta(seconds=60)
+#: Rows one reconcile pass reads per kind; the next pass (beat, every 30 s) takes the rest.
+RECONCILE_BATCH = 500
 #: How long after its deadline a failed payment's authorization is still checked on-chain.
 LATE_WINDOW = timedelta(hours=1)
 APPROVAL_TTL = timedelta(hours=24)
@@ -130,23 +133,24 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
     return resolved
 
 
+def _batch(rt: Runtime, statement: Select[Any]) -> list[Any]:
+    """Read one bounded batch of rows to reconcile in a short transaction of its own, so no
+    transaction stays open across the chain reads that follow."""
+    with UnitOfWork(rt.engine) as uow:
+        return list(uow.session.execute(statement.limit(RECONCILE_BATCH)).scalars().all())
+
+
 def _reconcile_settling(rt: Runtime, now: datetime) -> int:
     from connector.payments.context_loader import load_connection
 
     resolved = 0
-    with UnitOfWork(rt.engine) as uow:
-        stuck = (
-            uow.session.execute(
-                select(Payment)
-                .where(
-                    col(Payment.state) == S.SETTLING.value,
-                    col(Payment.updated_at) <= now - SETTLING_GRACE,
-                )
-                .limit(500)
-            )
-            .scalars()
-            .all()
-        )
+    stuck = _batch(
+        rt,
+        select(Payment).where(
+            col(Payment.state) == S.SETTLING.value,
+            col(Payment.updated_at) <= now - SETTLING_GRACE,
+        ),
+    )
     for payment in stuck:
         try:
             ctx = load_connection(rt, payment.connection_id)
@@ -190,19 +194,13 @@ def _reconcile_refunds(rt: Runtime, now: datetime) -> int:
     from connector.payments.refunds import finish_refund, refund_valid_before
 
     resolved = 0
-    with UnitOfWork(rt.engine) as uow:
-        stuck = (
-            uow.session.execute(
-                select(Refund)
-                .where(
-                    col(Refund.state).in_(("pending", "settling")),
-                    col(Refund.updated_at) <= now - SETTLING_GRACE,
-                )
-                .limit(500)
-            )
-            .scalars()
-            .all()
-        )
+    stuck = _batch(
+        rt,
+        select(Refund).where(
+            col(Refund.state).in_(("pending", "settling")),
+            col(Refund.updated_at) <= now - SETTLING_GRACE,
+        ),
+    )
     for refund in stuck:
         try:
             with UnitOfWork(rt.engine) as uow:
@@ -230,22 +228,17 @@ def _reconcile_failed(rt: Runtime, now: datetime) -> int:
     from connector.payments.context_loader import load_connection
 
     resolved = 0
-    with UnitOfWork(rt.engine) as uow:
-        held = select(col(Reservation.payment_id)).where(col(Reservation.status) == "held")
-        candidates = (
-            uow.session.execute(
-                select(Payment)
-                .where(
-                    col(Payment.state).in_((S.FAILED.value, S.EXPIRED.value)),
-                    col(Payment.nonce).is_not(None),
-                    col(Payment.id).in_(held) | (col(Payment.valid_before) > now - LATE_WINDOW),
-                )
-                .order_by(col(Payment.updated_at))
-                .limit(500)
-            )
-            .scalars()
-            .all()
+    held = select(col(Reservation.payment_id)).where(col(Reservation.status) == "held")
+    candidates = _batch(
+        rt,
+        select(Payment)
+        .where(
+            col(Payment.state).in_((S.FAILED.value, S.EXPIRED.value)),
+            col(Payment.nonce).is_not(None),
+            col(Payment.id).in_(held) | (col(Payment.valid_before) > now - LATE_WINDOW),
         )
+        .order_by(col(Payment.updated_at)),
+    )
     for payment in candidates:
         try:
             ctx = load_connection(rt, payment.connection_id)
