@@ -32,6 +32,7 @@ from connector.errors import ConnectorError, ExternalServiceError, PolicyRefused
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.storage.models.payments import Payment, Refund
+from connector.x402.auth_capture import SCHEME_ALIASES
 
 P = PaymentState
 QUEUED = "queued"
@@ -63,6 +64,8 @@ SEND_STATUS: dict[PaymentState, str] = {
     P.FAILED: FAILED,
     P.EXPIRED: FAILED,
     P.VOIDED: FAILED,
+    P.CAPTURED: SUCCEEDED,
+    P.RECLAIMED: FAILED,
 }
 
 _JOBS: Table = SQLModel.metadata.tables["jobs"]
@@ -152,6 +155,15 @@ def _payment_problem(payment: dict[str, Any]) -> dict[str, Any]:
 def payment_status(payment: dict[str, Any]) -> Outcome:
     """The outcome of an action that answers with this payment (result filled in by caller)."""
     status = SEND_STATUS[PaymentState(payment["state"])]
+    if (
+        status == PENDING
+        and payment["state"] == P.AUTHORIZED
+        and payment.get("direction") == "outgoing"
+        and payment.get("scheme") in SCHEME_ALIASES
+    ):
+        # An outgoing on-chain escrow payment in ``authorized`` has paid: its money is held by
+        # the escrow contract, as the seller asked (what the seller captures comes later).
+        status = SUCCEEDED
     if status == FAILED:
         return Outcome(FAILED, None, _payment_problem(payment))
     return Outcome(status, None)

@@ -13,12 +13,18 @@ API_VERSION = "2026-11-01"
 EVENT_TYPES: dict[str, str] = {
     "payment.created": "A payment was created (outgoing send or incoming paywall payment).",
     "payment.requires_approval": "A payment above the approval threshold waits for admins.",
-    "payment.authorized": "A valid signed authorization exists; for manual capture, a hold.",
+    "payment.authorized": (
+        "A valid signed authorization exists; for manual capture, a hold. On-chain escrow "
+        "(authCapture): the funds are held by the escrow contract."
+    ),
     "payment.settling": "The authorization was handed over for settlement.",
     "payment.settled": "Money moved on-chain; data.payment.tx_hash is set.",
     "payment.failed": "The payment definitely did not settle; failure_code says why.",
     "payment.rejected": "Policy or an approver refused the payment; failure_code names the rule.",
-    "payment.voided": "A hold was dropped; nothing moved.",
+    "payment.voided": (
+        "A hold was dropped; nothing moved (on-chain escrow: what was still held went back to "
+        "the payer)."
+    ),
     "payment.expired": "A hold or authorization passed its deadline unused.",
     "payment.hold_expiring": "A hold expires soon (data.expires_at); release or void it.",
     "payment.released": "Custodial escrow paid the beneficiary (release_tx_hash).",
@@ -26,6 +32,13 @@ EVENT_TYPES: dict[str, str] = {
     "payment.refunded": "Everything settled was returned to the payer.",
     "payment.partially_refunded": "Part of the settled amount was returned to the payer.",
     "payment.simulated": "Dry-run: the decision ran and nothing was signed.",
+    "payment.captured": (
+        "On-chain escrow: held funds (or a charge) went to the receiver; sent for every capture, "
+        "with data.escrow_operation."
+    ),
+    "payment.reclaimed": (
+        "On-chain escrow: the payer took back what was still held after the capture deadline."
+    ),
     "payment.settled_late": "A failed payment turned out paid on-chain; it is settled now.",
     "connection.test_succeeded": "A connection test passed every check.",
     "connection.test_failed": "A connection test failed at least one check.",

@@ -324,9 +324,7 @@ def _settlement(payment: Payment, tx_hash: str) -> dict[str, Any]:
     }
 
 
-def _earlier_payment(
-    rt: Runtime, offer: offers.Offer, payload: proto.Incoming
-) -> Payment | None:
+def _earlier_payment(rt: Runtime, offer: offers.Offer, payload: proto.Incoming) -> Payment | None:
     """The payment this paywall already recorded for this very authorization, if any."""
     with UnitOfWork(rt.engine) as uow:
         found = uow.session.execute(

@@ -420,7 +420,6 @@ def _settle_direct(
     )
 
 
-
 def _pending(rt: Runtime, payment: Payment, tx_hash: str | None, reason: str) -> SettlementPending:
     """Record the submitted transaction on the payment (still ``settling``) and say so."""
     if tx_hash and tx_hash != payment.tx_hash:

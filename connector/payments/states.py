@@ -13,6 +13,22 @@ Meaning of the states that are easy to confuse:
   may be unknown (crash, timeout); only reconciliation against the chain may move it on.
 * ``settled`` — money moved; the transaction hash is recorded.
 * ``released`` — custodial escrow only: the escrow forwarded the funds to the beneficiary.
+
+On-chain escrow (``authCapture``, see docs/escrow.md) uses the same table; there the money is in
+the escrow contract, so the meanings shift by one step:
+
+* ``settling`` — the collection (``authorize`` or ``charge``) was handed to the facilitator.
+* ``authorized`` — the funds are **held in the escrow contract** (nothing captured yet).
+* ``captured`` — some or all of the held amount went to the receiver (``capture``, or ``charge``
+  which collects and captures at once); what is still held stays capturable.
+* ``voided`` / ``reclaimed`` — nothing was captured and the held funds went back to the payer,
+  by the operator (``void``) or by the payer after the capture deadline (``reclaim``).
+* ``partially_refunded`` / ``refunded`` — captured money returned through the escrow's
+  ``refund``.
+
+Repeated operations that do not change the headline (a second partial capture, voiding the rest
+after a capture, a further partial refund) are recorded as events on the same payment; the
+amounts live in ``Payment.escrow`` (see :mod:`connector.payments.escrow_ledger`).
 """
 
 from __future__ import annotations
@@ -37,26 +53,47 @@ class PaymentState(StrEnum):
     VOIDED = "voided"
     EXPIRED = "expired"
     SIMULATED = "simulated"
+    CAPTURED = "captured"
+    RECLAIMED = "reclaimed"
 
 
 S = PaymentState
 
 TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
+    # created -> settling: an on-chain escrow collection goes to the facilitator at once; its
+    # ``authorized`` (funds held by the contract) comes after, from the chain.
     S.CREATED: frozenset(
-        {S.REQUIRES_APPROVAL, S.AUTHORIZED, S.REJECTED, S.SIMULATED, S.FAILED, S.EXPIRED}
+        {
+            S.REQUIRES_APPROVAL,
+            S.AUTHORIZED,
+            S.SETTLING,
+            S.REJECTED,
+            S.SIMULATED,
+            S.FAILED,
+            S.EXPIRED,
+        }
     ),
     S.REQUIRES_APPROVAL: frozenset({S.AUTHORIZED, S.REJECTED, S.EXPIRED, S.FAILED}),
     # authorized -> failed: the authorization was refused before any settlement was attempted
     # (e.g. the resource server rejected it, or a re-check of the budget failed).
-    S.AUTHORIZED: frozenset({S.SETTLING, S.VOIDED, S.EXPIRED, S.FAILED}),
-    S.SETTLING: frozenset({S.SETTLED, S.FAILED}),
+    # authorized -> captured / reclaimed: on-chain escrow (capture, the payer's reclaim).
+    S.AUTHORIZED: frozenset({S.SETTLING, S.VOIDED, S.EXPIRED, S.FAILED, S.CAPTURED, S.RECLAIMED}),
+    # settling -> authorized / captured: an escrow collection mined (authorize holds, charge
+    # captures at once).
+    S.SETTLING: frozenset({S.SETTLED, S.FAILED, S.AUTHORIZED, S.CAPTURED}),
     # settled -> settling: the settlement's receipt vanished in a chain reorganization before
     # it was final; the same authorization is settled again (see payments/confirmations.py).
     S.SETTLED: frozenset({S.REFUNDING, S.RELEASED, S.SETTLING}),
     # A refund that fails on-chain returns the payment to where it was before the refund began
     # (settled, or partially_refunded for a later partial refund).
     S.REFUNDING: frozenset({S.REFUNDED, S.PARTIALLY_REFUNDED, S.SETTLED}),
-    S.PARTIALLY_REFUNDED: frozenset({S.REFUNDING}),
+    # partially_refunded -> refunded: the escrow's refund returns the rest of what was captured.
+    S.PARTIALLY_REFUNDED: frozenset({S.REFUNDING, S.REFUNDED}),
+    # captured: on-chain escrow refunds go straight to their result (the escrow's refund is one
+    # transaction with no separate in-flight state; an unknown outcome is read back from the
+    # escrow's paymentState).
+    S.CAPTURED: frozenset({S.PARTIALLY_REFUNDED, S.REFUNDED}),
+    S.RECLAIMED: frozenset(),
     S.RELEASED: frozenset(),
     S.REFUNDED: frozenset(),
     # failed -> settled: a correction, taken only by the reconciler on on-chain evidence (the
@@ -95,6 +132,8 @@ EVENT_FOR_STATE: dict[PaymentState, str] = {
     S.VOIDED: "payment.voided",
     S.EXPIRED: "payment.expired",
     S.SIMULATED: "payment.simulated",
+    S.CAPTURED: "payment.captured",
+    S.RECLAIMED: "payment.reclaimed",
 }
 
 

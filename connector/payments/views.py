@@ -20,6 +20,8 @@ def payment_snapshot(payment: Payment) -> dict[str, Any]:
         "state": payment.state,
         "amount": str(payment.amount),
         "refunded_amount": str(payment.refunded_amount),
+        "captured_amount": str(payment.captured_amount),
+        "escrow": _escrow_view(payment.escrow),
         "asset": payment.asset,
         "network": payment.network,
         "payer": payment.payer,
@@ -49,3 +51,10 @@ def payment_snapshot(payment: Payment) -> dict[str, Any]:
         "updated_at": payment.updated_at.isoformat(),
         "version": payment.version,
     }
+
+
+def _escrow_view(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The escrow amounts of an on-chain escrow payment (None for any other payment)."""
+    if not ledger:
+        return None
+    return {k: v for k, v in ledger.items() if k != "seen"}

@@ -30,6 +30,7 @@ def test_terminal_states_have_no_exit() -> None:
         S.VOIDED,
         S.EXPIRED,
         S.SIMULATED,
+        S.RECLAIMED,
     } == TERMINAL
     for state in TERMINAL:
         for target in PaymentState:

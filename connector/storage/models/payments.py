@@ -84,6 +84,10 @@ class Payment(SQLModel, table=True):
     # Custodial escrow: the escrow's signed transfer to the beneficiary, stored before use.
     release_payload: dict[str, Any] | None = _json()
     refunded_amount: int = Field(default=0, sa_column=Column(Uint256(), nullable=False))
+    # On-chain escrow (authCapture): how much reached the receiver so far, and the escrow's
+    # ledger of this payment as last read from the chain (see payments/escrow_ledger.py).
+    captured_amount: int = Field(default=0, sa_column=Column(Uint256(), nullable=False))
+    escrow: dict[str, Any] | None = _json()
     failure_code: str | None = Field(default=None, max_length=64)
     failure_reason: str | None = Field(default=None, max_length=1024)
     idempotency_key: str | None = Field(default=None, max_length=255)
@@ -125,6 +129,11 @@ class PaymentRequest(SQLModel, table=True):
     protocols: str = Field(
         default="both", max_length=8, sa_column_kwargs={"server_default": "both"}
     )
+    # "exact" (EIP-3009 transfer) or "authCapture" (on-chain escrow; terms in escrow_terms).
+    scheme: str = Field(
+        default="exact", max_length=32, sa_column_kwargs={"server_default": "exact"}
+    )
+    escrow_terms: dict[str, Any] | None = _json()
     status: str = Field(default="open", max_length=12)  # open | closed | expired
     expires_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts()
