@@ -15,7 +15,14 @@ from datetime import timedelta
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_serializer,
+    field_validator,
+)
 
 from connector.errors import PolicyRefused
 
@@ -83,6 +90,19 @@ class SpendingPolicy(BaseModel):
     @classmethod
     def _amounts(cls, value: object) -> int | None:
         return _int_or_none(value)
+
+    @field_serializer(
+        "max_per_payment",
+        "budget_day",
+        "budget_week",
+        "budget_month",
+        "approval_threshold",
+        when_used="json",
+    )
+    def _amounts_as_strings(self, value: int | None) -> str | None:
+        # Money is a decimal string on the wire: a JSON number above 2**53 loses digits in
+        # JavaScript, which is what most workflow builders run.
+        return None if value is None else str(value)
 
     @field_validator("payee_allow", "payee_deny", "allowed_assets")
     @classmethod

@@ -60,3 +60,14 @@ def test_approval_threshold_is_inclusive() -> None:
     assert needs_approval(policy, 1000)
     assert not needs_approval(policy, 999)
     assert not needs_approval(SpendingPolicy(), 10**30)
+
+
+def test_policy_amounts_are_decimal_strings_on_the_wire_and_stay_exact() -> None:
+    big = 2**200 + 1  # far beyond what a JSON number keeps exact in JavaScript
+    policy = SpendingPolicy.model_validate({"budget_day": str(big), "max_per_payment": 5})
+    wire = policy.model_dump(mode="json")
+    assert wire["budget_day"] == str(big) and wire["max_per_payment"] == "5"
+    assert wire["budget_week"] is None
+    # what is stored is read back to the same integers (and older rows stored numbers)
+    assert SpendingPolicy.model_validate(wire) == policy
+    assert SpendingPolicy.model_validate({"budget_day": 7}).budget_day == 7
