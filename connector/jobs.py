@@ -101,6 +101,7 @@ def start_job(
     idempotency_key: str | None,
     ttl: timedelta = timedelta(hours=48),
     now: datetime | None = None,
+    requested_by: str | None = None,
 ) -> JobStart:
     """Create a job, or return the one an earlier request with the same key created.
 
@@ -109,14 +110,14 @@ def start_job(
     require_key(action, idempotency_key)
     now = now or datetime.now(UTC)
     if idempotency_key is None:
-        job = _new_job(session, connection_id, action, body, now)
+        job = _new_job(session, connection_id, action, body, now, requested_by)
         return JobStart(job, True, None)
     scope = f"{connection_id}:{action}"
     fingerprint = request_fingerprint(action, body)
     existing = _live_record(session, scope, idempotency_key, now)
     if existing is not None:
         return _replay(session, existing, fingerprint, now)
-    job = _new_job(session, connection_id, action, body, now)
+    job = _new_job(session, connection_id, action, body, now, requested_by)
     record = IdempotencyRecord(
         id=new_id("idem"),
         scope=scope,
@@ -144,7 +145,12 @@ def start_job(
 
 
 def _new_job(
-    session: Session, connection_id: str, action: str, body: dict[str, Any], now: datetime
+    session: Session,
+    connection_id: str,
+    action: str,
+    body: dict[str, Any],
+    now: datetime,
+    requested_by: str | None = None,
 ) -> Job:
     job = Job(
         id=new_id("job"),
@@ -152,6 +158,7 @@ def _new_job(
         action=action,
         status="queued",
         input=body,
+        requested_by=requested_by,
         created_at=now,
         updated_at=now,
     )
@@ -166,6 +173,7 @@ def _new_job(
             "status": "queued",
             "input": body,
             "attempts": 0,
+            "requested_by": requested_by,
             "created_at": now,
             "updated_at": now,
         },

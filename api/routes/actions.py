@@ -86,6 +86,8 @@ async def _run_action(
     wait: float,
     key: str | None,
     rt: Runtime,
+    *,
+    requested_by: str | None = None,
 ) -> JSONResponse:
     action = spec.key
     try:
@@ -97,7 +99,7 @@ async def _run_action(
     jobs.require_key(action, key)
     # Database and broker calls are blocking: they run in the thread pool, never on the event
     # loop (one slow broker publish there used to stall every request, /healthz included).
-    started = await run_in_threadpool(_start, rt, connection_id, action, body, key)
+    started = await run_in_threadpool(_start, rt, connection_id, action, body, key, requested_by)
     job = started.job
     try:
         if started.created:
@@ -119,7 +121,12 @@ async def _run_action(
 
 
 def _start(
-    rt: Runtime, connection_id: str, action: str, body: dict[str, Any], key: str | None
+    rt: Runtime,
+    connection_id: str,
+    action: str,
+    body: dict[str, Any],
+    key: str | None,
+    requested_by: str | None = None,
 ) -> jobs.JobStart:
     with UnitOfWork(rt.engine) as uow:
         connections.get(uow.session, connection_id)
@@ -129,6 +136,7 @@ def _start(
             action=action,
             body=body,
             idempotency_key=key,
+            requested_by=requested_by,
         )
         uow.commit()
     return started
@@ -177,7 +185,7 @@ def _action_endpoint(spec: ActionSpec) -> Callable[..., Awaitable[JSONResponse]]
         key = idempotency_key or jobs.natural_key(
             x_workflow_run_id, x_workflow_node_id, x_workflow_item
         )
-        return await _run_action(spec, connection_id, raw, wait, key, rt)
+        return await _run_action(spec, connection_id, raw, wait, key, rt, requested_by=admin.id)
 
     signature = inspect.signature(endpoint)
     typed = [

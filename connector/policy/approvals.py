@@ -24,7 +24,7 @@ from connector.ids import new_id
 from connector.payments.machine import transition
 from connector.payments.states import PaymentState
 from connector.storage.models.connections import AdminKey
-from connector.storage.models.payments import Approval, Payment
+from connector.storage.models.payments import Approval, Job, Payment
 
 S = PaymentState
 
@@ -59,8 +59,40 @@ def _accountable(session: Session, key_id: str, payment: Payment) -> tuple[str, 
     return key.principal, people
 
 
+def _requesters(session: Session, payment: Payment) -> tuple[set[str], set[str]]:
+    """(key ids, principals) that asked for this payment and so may not approve it.
+
+    The asking key itself never approves. Its principal is excluded too when it is a person's
+    key (it holds the ``admin`` scope): an admin who sends and then approves is one pair of eyes.
+    A machine key (``actions`` only, e.g. the workflow's agent) inherits its minter's principal,
+    and that person approving what their agent asked for is the approval flow working as meant.
+    """
+    key_ids = {
+        str(k)
+        for k in session.execute(
+            select(col(Job.requested_by)).where(
+                col(Job.payment_id) == payment.id, col(Job.requested_by).is_not(None)
+            )
+        ).scalars()
+    }
+    people: set[str] = set()
+    for key_id in key_ids:
+        key = session.get(AdminKey, key_id)
+        if key is not None and "admin" in (key.scopes or []):
+            people.add(key.principal)
+    return key_ids, people
+
+
 def _check_four_eyes(session: Session, payment: Payment, key_id: str) -> str:
     principal, people = _accountable(session, key_id, payment)
+    asking_keys, asking_people = _requesters(session, payment)
+    if key_id in asking_keys or people & asking_people:
+        raise Conflict(
+            f"payment {payment.id} was asked for by this key or its principal; the approval must "
+            "come from someone else",
+            payment_id=payment.id,
+            rule="four_eyes",
+        )
     earlier = session.execute(
         select(Approval).where(
             col(Approval.payment_id) == payment.id, col(Approval.decision) == "approve"

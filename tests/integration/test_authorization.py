@@ -322,3 +322,70 @@ def test_failed_authentication_is_limited_per_key_prefix_across_addresses(limite
     # Knowing the prefix does not lock the key's holder out: the right secret still works.
     holder = TestClient(app, client=("198.51.100.1", 5000))
     assert holder.get("/v1/admin/keys", headers=bearer(good)).status_code == 200
+
+
+def _asked_by(engine: Engine, payment_id: str, key_id: str) -> None:
+    """Record that ``key_id`` asked for the payment (its send job created it)."""
+    from connector.jobs import link_payment, start_job
+
+    with transaction(engine) as s:
+        payment = s.get(Payment, payment_id)
+        assert payment is not None
+        job = start_job(
+            s,
+            connection_id=payment.connection_id,
+            action="send",
+            body={"to": PAYEE, "amount": "150"},
+            idempotency_key=new_id("idem"),
+            requested_by=key_id,
+        ).job
+        link_payment(s, job.id, payment_id)
+
+
+def _key_id(engine: Engine, secret: str) -> str:
+    with transaction(engine) as s:
+        key = admin_keys.authenticate(s, secret)
+        assert key is not None
+        return key.id
+
+
+def test_an_admin_who_asked_for_a_payment_cannot_approve_it(api: ApiHarness) -> None:
+    """The requester's principal is not a second pair of eyes: carol sends with her admin key,
+    then tries to approve with it and with a second key of hers; dave and erin can."""
+    engine = api.runtime.engine
+    payment_id = waiting_payment(engine, make_connection(api), required=2)
+    carol = person_key(engine, "carol")
+    _asked_by(engine, payment_id, _key_id(engine, carol))
+    for key in (carol, person_key(engine, "carol")):
+        refused = api.client.post(
+            f"/v1/admin/payments/{payment_id}/approve", json={}, headers=bearer(key)
+        )
+        assert refused.status_code == 409, refused.text
+        assert "someone else" in refused.json()["detail"]
+    for person in ("dave", "erin"):
+        ok = api.client.post(
+            f"/v1/admin/payments/{payment_id}/approve",
+            json={},
+            headers=bearer(person_key(engine, person)),
+        )
+        assert ok.status_code == 200, ok.text
+    with transaction(engine) as s:
+        approvals = s.execute(select(Approval).where(col(Approval.payment_id) == payment_id))
+        assert sorted(a.principal for a in approvals.scalars()) == ["dave", "erin"]
+
+
+def test_the_agents_minter_approves_what_the_agent_asked_for(api: ApiHarness) -> None:
+    """A machine key (actions scope only) inherits its minter's principal; that person approving
+    their agent's payment is the approval flow working as meant."""
+    engine = api.runtime.engine
+    payment_id = waiting_payment(engine, make_connection(api), required=1)
+    frank = person_key(engine, "frank")
+    agent = api.client.post(
+        "/v1/admin/keys",
+        json={"name": "agent", "scopes": ["actions"], "connections": ["*"]},
+        headers=bearer(frank),
+    )
+    assert agent.status_code == 201, agent.text
+    _asked_by(engine, payment_id, agent.json()["id"])
+    ok = api.client.post(f"/v1/admin/payments/{payment_id}/approve", json={}, headers=bearer(frank))
+    assert ok.status_code == 200, ok.text

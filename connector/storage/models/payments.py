@@ -227,6 +227,9 @@ class Job(SQLModel, table=True):
     error: dict[str, Any] | None = _json()
     payment_id: str | None = Field(default=None, index=True, max_length=40)
     attempts: int = 0
+    # The key that asked for the action: four-eyes approval refuses its principal as an approver
+    # of the payment this job creates (a requester cannot approve their own payment).
+    requested_by: str | None = Field(default=None, max_length=40)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
 
