@@ -9,11 +9,16 @@ expire during long test runs. The binary comes from the pinned npm package
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +131,11 @@ class Anvil:
                 "or choose another port"
             )
         self._proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent() if _from_main_thread() else None,
         )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
@@ -164,3 +173,27 @@ class Anvil:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _from_main_thread() -> bool:
+    # Linux sends the parent-death signal when the spawning *thread* exits: only a child started
+    # by the main thread may be tied to it (the main thread ends only with the process).
+    return threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM anvil when we die, even by SIGKILL: a hard-killed
+    ``x402c dev`` must not leave an orphan anvil holding the port (and SIGTERM still lets anvil
+    dump its ``--state`` file). None where ``prctl`` is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+    return hook
