@@ -320,7 +320,11 @@ class Incoming:
 
 
 def check_incoming(incoming: IncomingPayment, requirement: Requirement) -> Incoming:
-    """Cheap local checks before asking the facilitator: right offer, right recipient/amount."""
+    """Cheap local checks before asking the facilitator: right offer, right recipient/amount.
+
+    ``exact`` pays ``payTo`` directly; ``authCapture`` pays the escrow's token collector (the
+    payee the payer signed is the canonical collector; ``payTo`` is inside the signed terms,
+    which the facilitator checks through the nonce)."""
     if incoming.accepted is not None and not incoming.accepted.same_offer(requirement):
         raise ValidationFailed(
             "the accepted requirement does not match this offer", field="accepted"
@@ -328,7 +332,13 @@ def check_incoming(incoming: IncomingPayment, requirement: Requirement) -> Incom
     if incoming.network != requirement.network:
         raise ValidationFailed("payment is for another network", field="network")
     auth = incoming.payload.authorization
-    if auth.to.lower() != requirement.pay_to.lower() or auth.value != requirement.amount:
+    payee = requirement.pay_to
+    if auth_capture.is_auth_capture(requirement):
+        try:
+            payee = auth_capture.parse_extra(requirement.extra).deployment.eip3009_collector
+        except auth_capture.AuthCaptureInvalid as exc:  # our own offer: cannot happen
+            raise ValidationFailed(exc.detail, field="accepted") from exc
+    if auth.to.lower() != payee.lower() or auth.value != requirement.amount:
         raise ValidationFailed("payment recipient or amount does not match", field="payload")
     return Incoming(
         version=incoming.version,

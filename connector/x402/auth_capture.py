@@ -386,8 +386,11 @@ def build_extra(
     max_fee_bps: int = 0,
     server_authorization_required: bool = False,
     deployment: Deployment = DEFAULT_DEPLOYMENT,
+    auto_capture: bool = False,
 ) -> dict[str, Any]:
-    """The ``extra`` a server advertises (validated by :func:`parse_extra` before returning)."""
+    """The ``extra`` a server advertises (validated by :func:`parse_extra` before returning).
+    ``auto_capture``: the server will ``charge`` (collect and capture at once) instead of
+    ``authorize`` (hold); the spec's ``autoCapture``, absent when false."""
     extra: dict[str, Any] = {
         "name": token_name,
         "version": token_version,
@@ -401,6 +404,8 @@ def build_extra(
     }
     if server_authorization_required:
         extra["serverAuthorizationRequired"] = True
+    if auto_capture:
+        extra["autoCapture"] = True
     if deployment != DEFAULT_DEPLOYMENT:
         extra["authCaptureEscrow"] = deployment.escrow
     parse_extra(extra)

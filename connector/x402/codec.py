@@ -134,10 +134,12 @@ def payment_required_response(
     description: str | None,
     error: str | None,
     protocols: str = "both",
+    alternatives: tuple[Requirement, ...] = (),
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Headers and body of a 402. ``protocols`` "both": v2 header + v1 body, so either client
     understands it; "v2": the header, and the same v2 object as body (a v1 client then sees
-    ``x402Version: 2`` and knows it cannot pay); "v1": the v1 body only, no v2 header."""
+    ``x402Version: 2`` and knows it cannot pay); "v1": the v1 body only, no v2 header.
+    ``alternatives``: further v2 options after ``requirement`` (v2 only)."""
     v2 = {
         "x402Version": 2,
         "error": error or "Payment required",
@@ -146,7 +148,7 @@ def payment_required_response(
             "description": description or "",
             "mimeType": requirement.mime_type or "application/json",
         },
-        "accepts": [requirement.to_v2()],
+        "accepts": [requirement.to_v2(), *(other.to_v2() for other in alternatives)],
     }
     if protocols == "v2":
         return {PAYMENT_REQUIRED: encode_b64_json(v2)}, v2
@@ -177,7 +179,17 @@ class IncomingPayment:
         return self.payload.authorization.nonce
 
 
-def parse_payment_payload(data: Any, where: str = "paymentPayload") -> IncomingPayment:
+#: ``authCapture`` (on-chain escrow) under the spec's name and the TypeScript client's.
+AUTH_CAPTURE_SCHEMES = frozenset({"authCapture", "auth-capture"})
+
+
+def parse_payment_payload(
+    data: Any, where: str = "paymentPayload", *, auth_capture: bool = False
+) -> IncomingPayment:
+    """Parse a client's payment. ``auth_capture``: also accept a v2 ``authCapture`` payment, whose
+    ``payload`` carries the same ERC-3009 ``authorization`` and ``signature`` (payee: the escrow's
+    token collector) plus the terms' ``salt``; the rest of it stays in ``wire`` for the
+    facilitator."""
     d = f.obj(data, where)
     version = _version(d, where)
     if version == 1:
@@ -187,18 +199,23 @@ def parse_payment_payload(data: Any, where: str = "paymentPayload") -> IncomingP
     else:
         accepted = requirement_from_wire(d.get("accepted"), 2, f"{where}.accepted")
         scheme, network = accepted.scheme, accepted.network
-    if scheme != "exact":
+    escrow = auth_capture and version == 2 and scheme in AUTH_CAPTURE_SCHEMES
+    if scheme != "exact" and not escrow:
         raise UnsupportedScheme(f"scheme {scheme!r} is not supported", field=f"{where}.scheme")
     payload = parse_exact_payload(d.get("payload"), f"{where}.payload")
     return IncomingPayment(version, scheme, network, payload, d, accepted)
 
 
-def read_payment_header(headers: Mapping[str, str]) -> IncomingPayment | None:
+def read_payment_header(
+    headers: Mapping[str, str], *, auth_capture: bool = False
+) -> IncomingPayment | None:
     """The payment a client attached (``PAYMENT-SIGNATURE`` or ``X-PAYMENT``), if any."""
     for name in (PAYMENT_SIGNATURE, X_PAYMENT):
         value = _header(headers, name)
         if value:
-            return parse_payment_payload(decode_b64_json(value, name), name)
+            return parse_payment_payload(
+                decode_b64_json(value, name), name, auth_capture=auth_capture
+            )
     return None
 
 
