@@ -156,7 +156,8 @@ def apply_escrow_events(
         totals = totals.after(event)
         seen.append(event_key(event))
         changes = {
-            "escrow": totals.to_wire(seen),
+            # Keys the totals do not own (the operator's in-flight operations, ``ops``) stay.
+            "escrow": {**(payment.escrow or {}), **totals.to_wire(seen)},
             "captured_amount": totals.captured,
             "refunded_amount": max(payment.refunded_amount, totals.refunded),
             "tx_hash": payment.tx_hash or event.tx_hash,

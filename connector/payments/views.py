@@ -57,4 +57,4 @@ def _escrow_view(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
     """The escrow amounts of an on-chain escrow payment (None for any other payment)."""
     if not ledger:
         return None
-    return {k: v for k, v in ledger.items() if k != "seen"}
+    return {k: v for k, v in ledger.items() if k not in ("seen", "ops")}
