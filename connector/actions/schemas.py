@@ -176,6 +176,12 @@ class SendOutput(_Model):
 
 # --- receive ----------------------------------------------------------------------------------
 
+#: authCapture deadlines: at most a year ahead (the escrow's uint48 allows far more, but a hold
+#: that long is a mistake rather than a plan).
+ESCROW_MAX_WINDOW_S = 366 * 24 * 3600
+ESCROW_DEFAULT_CAPTURE_GRACE_S = 24 * 3600
+ESCROW_DEFAULT_REFUND_WINDOW_S = 7 * 24 * 3600
+
 
 class ReceiveInput(_Model):
     """Offer a paid resource at a paywall URL that any x402 client (v1 or v2) can pay."""
@@ -209,7 +215,50 @@ class ReceiveInput(_Model):
         "Receiving needs no key for it.",
     )
     protocols: Literal["both", "v1", "v2"] = Field(
-        default="both", description="x402 versions the paywall offers."
+        default="both",
+        description="x402 versions the paywall offers (`authCapture` is v2 only: the paywall "
+        "then offers v2 whatever this says, and `v1` is refused).",
+    )
+    scheme: Literal["exact", "authCapture"] | None = Field(
+        default=None,
+        description="How the payer pays. `exact`: an EIP-3009 transfer to `pay_to` (with "
+        "`capture: manual`, a hold on the payer's signed authorization). `authCapture`: "
+        "on-chain escrow — the funds go into the escrow contract, `release` captures (partial, "
+        "repeated), `void` returns what is held, `refund` returns captured money; automatic "
+        "capture charges at once. Default: `authCapture` for `capture: manual` where the "
+        "escrow contracts are deployed and the facilitator supports them (or when any escrow "
+        "term below is given), else `exact`.",
+    )
+    capture_deadline_s: int | None = Field(
+        default=None,
+        ge=60,
+        le=ESCROW_MAX_WINDOW_S,
+        description="authCapture: seconds from now until the capture deadline (after it the "
+        "payer can reclaim what is still held). At least `expires_in_s + max_timeout_seconds` "
+        "(a payer paying at the last moment signs until then). Default: that plus one day.",
+    )
+    refund_deadline_s: int | None = Field(
+        default=None,
+        ge=60,
+        le=ESCROW_MAX_WINDOW_S,
+        description="authCapture: seconds from now until refunds stop being possible; at least "
+        "`capture_deadline_s`. Default: the capture deadline plus seven days.",
+    )
+    min_fee_bps: int = Field(
+        default=0, ge=0, le=10_000, description="authCapture: smallest fee a capture takes."
+    )
+    max_fee_bps: int = Field(
+        default=0, ge=0, le=10_000, description="authCapture: largest fee a capture may take."
+    )
+    fee_receiver: Address | None = Field(
+        default=None,
+        description="authCapture: who receives the fees (required when `max_fee_bps` > 0).",
+    )
+    operator: Address | None = Field(
+        default=None,
+        description="authCapture: the escrow operator (`captureAuthorizer`), the only address "
+        "that may capture, void and refund. Default: the facilitator's signer (its `/supported` "
+        "`signers`), which submits the escrow operations.",
     )
 
     @field_validator("resource")
@@ -225,6 +274,78 @@ class ReceiveInput(_Model):
             raise ValueError("`beneficiary` is required with custodial escrow")
         return self
 
+    @property
+    def escrow_terms_given(self) -> bool:
+        """Whether any on-chain escrow term was set (which asks for ``authCapture``)."""
+        return bool(self.model_fields_set & ESCROW_TERM_FIELDS)
+
+    @model_validator(mode="after")
+    def _escrow_terms(self) -> ReceiveInput:
+        if self.scheme == "exact" and self.escrow_terms_given:
+            given = sorted(self.model_fields_set & ESCROW_TERM_FIELDS)
+            raise ValueError(f"{given} apply to the `authCapture` scheme only, not `exact`")
+        if self.scheme == "authCapture" or self.escrow_terms_given:
+            if self.custodial:
+                raise ValueError("custodial escrow and on-chain escrow (`authCapture`) exclude "
+                                 "each other")  # fmt: skip
+            if self.protocols == "v1":
+                raise ValueError("`authCapture` needs x402 v2; `protocols: v1` cannot offer it")
+        if self.min_fee_bps > self.max_fee_bps:
+            raise ValueError("`min_fee_bps` must not exceed `max_fee_bps`")
+        if self.max_fee_bps > 0 and self.fee_receiver is None:
+            raise ValueError("`fee_receiver` is required when `max_fee_bps` > 0")
+        last_payment = self.expires_in_s + self.max_timeout_seconds
+        if self.capture_deadline_s is not None and self.capture_deadline_s < last_payment:
+            raise ValueError(
+                f"`capture_deadline_s` ({self.capture_deadline_s}) must be at least "
+                f"`expires_in_s` + `max_timeout_seconds` ({last_payment}): a payer paying just "
+                "before the offer expires signs an authorization valid that long"
+            )
+        capture = self.capture_window_s()
+        if self.refund_deadline_s is not None and self.refund_deadline_s < capture:
+            raise ValueError(
+                f"`refund_deadline_s` ({self.refund_deadline_s}) must be at least the capture "
+                f"deadline ({capture} s)"
+            )
+        return self
+
+    def capture_window_s(self) -> int:
+        """Seconds from creation to the capture deadline (the default: one day after the last
+        moment a payer's authorization can be valid)."""
+        if self.capture_deadline_s is not None:
+            return self.capture_deadline_s
+        return self.expires_in_s + self.max_timeout_seconds + ESCROW_DEFAULT_CAPTURE_GRACE_S
+
+    def refund_window_s(self) -> int:
+        if self.refund_deadline_s is not None:
+            return self.refund_deadline_s
+        return self.capture_window_s() + ESCROW_DEFAULT_REFUND_WINDOW_S
+
+
+#: The escrow terms of ``receive`` (any of them given asks for ``authCapture``).
+ESCROW_TERM_FIELDS = frozenset(
+    {
+        "capture_deadline_s",
+        "refund_deadline_s",
+        "min_fee_bps",
+        "max_fee_bps",
+        "fee_receiver",
+        "operator",
+    }
+)
+
+
+class EscrowTermsView(BaseModel):
+    """What an ``authCapture`` paywall commits every payer to (absolute Unix seconds)."""
+
+    operator: str = Field(description="The escrow operator (`captureAuthorizer`).")
+    capture_deadline: int = Field(description="Last second to capture; then the payer may reclaim.")
+    refund_deadline: int = Field(description="Last second a refund is possible.")
+    min_fee_bps: int
+    max_fee_bps: int
+    fee_receiver: str
+    escrow: str = Field(description="The escrow contract (canonical AuthCaptureEscrow).")
+
 
 class PaymentRequestView(BaseModel):
     id: str
@@ -235,6 +356,10 @@ class PaymentRequestView(BaseModel):
     network: str
     pay_to: str
     protocols: str = "both"
+    scheme: Literal["exact", "authCapture"] = "exact"
+    escrow_terms: EscrowTermsView | None = Field(
+        default=None, description="authCapture only: the escrow terms every payer signs."
+    )
     capture: str
     custodial: bool
     max_payments: int
@@ -324,6 +449,23 @@ class RefundOutput(_Model):
 
 class PaymentRef(_Model):
     payment_id: str = Field(pattern=r"^pay_[0-9a-z]{26}$")
+
+
+class ReleaseInput(PaymentRef):
+    """Capture a held payment. On-chain escrow (``authCapture``) captures any part of what is
+    still held, as often as wanted; a manual-capture ``exact`` hold is captured whole."""
+
+    amount: Amount | None = Field(
+        default=None,
+        description="authCapture: how much to capture (default: everything still held).",
+    )
+    fee_bps: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="authCapture: the fee this capture takes, within the terms' "
+        "`min_fee_bps`..`max_fee_bps` (default: `min_fee_bps`), paid to their `fee_receiver`.",
+    )
 
 
 class PaymentOutput(_Model):

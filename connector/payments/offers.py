@@ -32,18 +32,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import select
 from sqlmodel import col
 
 from connector.errors import NotFound
+from connector.payments import escrow_operator
 from connector.payments.context import ConnectionContext
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import PaymentRequest
-from connector.x402 import codec
+from connector.x402 import auth_capture, codec
 from connector.x402.requirement import Requirement
 
 #: Offers kept per process (LRU). One offer is a few kilobytes with its prebuilt answer.
@@ -59,6 +60,17 @@ class Offer:
     url: str
     headers_402: dict[str, str]
     body_402: bytes  # the v1 JSON body, rendered once
+    #: Further options after ``requirement`` (authCapture: the same terms under the name the
+    #: official TypeScript client registers, ``auth-capture``).
+    alternatives: tuple[Requirement, ...] = ()
+
+    def requirement_for(self, scheme: str) -> Requirement:
+        """The offered requirement a payer accepted by its scheme name (the first one when no
+        option carries that name: the payment then fails the offer's own match)."""
+        for option in (self.requirement, *self.alternatives):
+            if option.scheme == scheme:
+                return option
+        return self.requirement
 
     @property
     def id(self) -> str:
@@ -97,28 +109,43 @@ def paywall_url(rt: Runtime, request_id: str) -> str:
 
 
 def requirement_of(rt: Runtime, request: PaymentRequest) -> Requirement:
+    """The requirement a payment request's paywall offers: an ``exact`` transfer, or for an
+    on-chain escrow request ``authCapture`` with its stored terms as ``extra`` (all absolute,
+    fixed at creation, so the offer never changes)."""
+    if request.scheme in auth_capture.SCHEME_ALIASES:
+        scheme, extra = auth_capture.SCHEME, escrow_operator.requirement_extra(request)
+    else:
+        scheme, extra = "exact", {"name": request.token_name, "version": request.token_version}
     return Requirement(
-        scheme="exact",
+        scheme=scheme,
         network=request.network,
         amount=request.amount,
         asset=request.asset,
         pay_to=request.pay_to,
         max_timeout_seconds=request.max_timeout_seconds,
-        extra={"name": request.token_name, "version": request.token_version},
+        extra=extra,
         resource=paywall_url(rt, request.id),
         description=request.description,
         mime_type=request.mime_type,
     )
 
 
+#: The scheme name ``@x402/evm``'s auth-capture client (2.27) registers under; offered as a
+#: second, identical option so that client can pay without a rename (decision 0009).
+TS_CLIENT_SCHEME = "auth-capture"
+
+
 def build_offer(rt: Runtime, request: PaymentRequest) -> Offer:
     requirement = requirement_of(rt, request)
+    alternatives: tuple[Requirement, ...] = ()
+    if requirement.scheme == auth_capture.SCHEME:
+        alternatives = (replace(requirement, scheme=TS_CLIENT_SCHEME),)
     url = paywall_url(rt, request.id)
     headers, body = codec.payment_required_response(
-        requirement, url, request.description, None, request.protocols
+        requirement, url, request.description, None, request.protocols, alternatives
     )
     rendered = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    return Offer(request, requirement, url, headers, rendered)
+    return Offer(request, requirement, url, headers, rendered, alternatives)
 
 
 class OfferCache:

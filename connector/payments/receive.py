@@ -8,6 +8,12 @@ capture) or hold (manual capture), then deliver the resource with the settlement
 A single-use request can be paid once: the slot is claimed with a conditional update
 (``paid_count < max_payments``) *before* any settlement, so a second payer is refused before
 money moves. If settlement then fails, the slot is given back.
+
+A request may instead offer on-chain escrow (``authCapture``, x402 v2): the payer signs once to
+the escrow's token collector, the facilitator (the escrow's operator) authorizes (the contract
+holds the funds) or, with automatic capture, charges; the payment's state then comes from the
+escrow events of that transaction (:mod:`connector.payments.escrow_operator`). The claim, the
+unknown-outcome rule and the 503 ``Retry-After`` answer are the same as for ``exact``.
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
-from connector.actions.schemas import PaymentRequestView, ReceiveInput
+from connector.actions.schemas import EscrowTermsView, PaymentRequestView, ReceiveInput
 from connector.errors import ConcurrentUpdate, ConnectorError, NotFound, WalletKeyMissing
 from connector.facilitator.client import FacilitatorError
 from connector.ids import new_id
 from connector.logs import get_logger
-from connector.payments import offers
+from connector.payments import escrow_operator, offers
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import Step, insert_payment, transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
@@ -35,6 +41,7 @@ from connector.payments.states import PaymentState
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment, PaymentRequest
+from connector.x402 import auth_capture as ac
 from connector.x402.fields import checksum
 
 log = get_logger(__name__)
@@ -59,6 +66,11 @@ def create_request(
             connection_id=ctx.id,
             address=pay_to,
         )
+    capture = inp.capture or ctx.capture_default
+    scheme = escrow_operator.choose_scheme(rt, ctx, inp, network, capture)
+    terms = None
+    if scheme == ac.SCHEME:
+        terms = escrow_operator.offer_terms(rt, ctx, inp, network, now)
     request = PaymentRequest(
         id=new_id("prq"),
         connection_id=ctx.id,
@@ -73,11 +85,14 @@ def create_request(
         resource=inp.resource,
         redirect_url=inp.redirect_url,
         max_timeout_seconds=inp.max_timeout_seconds,
-        capture=inp.capture or ctx.capture_default,
+        capture=capture,
         custodial=inp.custodial,
         beneficiary=inp.beneficiary,
         max_payments=inp.max_payments,
-        protocols=inp.protocols,
+        # authCapture is a v2 scheme: its paywall speaks v2 only.
+        protocols="v2" if terms is not None else inp.protocols,
+        scheme=scheme,
+        escrow_terms=terms,
         expires_at=now + timedelta(seconds=inp.expires_in_s),
         created_at=now,
     )
@@ -105,6 +120,10 @@ def request_view(rt: Runtime, request: PaymentRequest) -> PaymentRequestView:
         network=request.network,
         pay_to=request.pay_to,
         protocols=request.protocols,
+        scheme=ac.SCHEME if request.scheme in ac.SCHEME_ALIASES else "exact",
+        escrow_terms=(
+            EscrowTermsView.model_validate(request.escrow_terms) if request.escrow_terms else None
+        ),
         capture=request.capture,
         custodial=request.custodial,
         max_payments=request.max_payments,
@@ -139,6 +158,7 @@ def _payment_required(offer: offers.Offer, error: str | None) -> PaywallAnswer:
         offer.request.description,
         error,
         offer.request.protocols,
+        offer.alternatives,
     )
     return PaywallAnswer(402, headers, body)
 
@@ -203,12 +223,13 @@ def handle_paywall(
     state TTL) only when a payment needs the facilitator.
     """
     now = now or datetime.now(UTC)
-    incoming = proto.read_payment_header(headers)
+    incoming = proto.read_payment_header(headers, auth_capture=True)
     cache = offers.cache_for(rt)
     offer, state = cache.offer(rt, request_id)
     if incoming is None:
         return _unpaid(offer, state, now)
-    requirement = offer.requirement
+    requirement = offer.requirement_for(incoming.scheme)
+    escrow = ac.is_auth_capture(requirement)
     protocols = offer.request.protocols
     if protocols != "both" and protocols != f"v{incoming.version}":
         offered = f"x402 version {incoming.version} is not offered here ({protocols})"
@@ -230,7 +251,10 @@ def handle_paywall(
     ctx = ctx or _connection(rt, offer)
     wire_requirement = proto.requirement_to_wire(requirement, payload.version)
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
-    verdict = facilitator.verify(payload.wire, wire_requirement)
+    asked = payload.wire
+    if escrow:  # the facilitator is told which escrow operation: authorize (hold) or charge
+        asked = escrow_operator.collection_payload(payload.wire, requirement)
+    verdict = facilitator.verify(asked, wire_requirement)
     if not verdict.get("isValid"):
         earlier = _earlier_payment(rt, offer, payload)  # nonce used: by us, for this payer?
         if earlier is not None:
@@ -248,6 +272,7 @@ def handle_paywall(
         network=request.network,
         payer=payload.payer,
         payee=request.pay_to,
+        scheme=ac.SCHEME if escrow else "exact",
         x402_version=payload.version,
         resource_url=offer.url,
         description=request.description,
@@ -260,18 +285,24 @@ def handle_paywall(
         requirement=wire_requirement,
         signed_payload=payload.wire,
     )
-    steps = [
-        Step(
-            S.AUTHORIZED,
-            {
-                "hold_expires_at": payload.valid_before - HOLD_SAFETY_MARGIN
-                if request.capture == "manual"
-                else None
-            },
-        )
-    ]
-    if request.capture == "automatic":
-        steps.append(Step(S.SETTLING, {"settle_attempts": 1}))
+    if escrow:
+        # On-chain escrow: the collection goes to the facilitator at once; ``authorized`` (held
+        # by the contract) or ``captured`` (charged) comes from the chain's events afterwards.
+        # No ``hold_expires_at``: the escrow's capture deadline governs the hold, not ours.
+        steps = [Step(S.SETTLING, {"settle_attempts": 1})]
+    else:
+        steps = [
+            Step(
+                S.AUTHORIZED,
+                {
+                    "hold_expires_at": payload.valid_before - HOLD_SAFETY_MARGIN
+                    if request.capture == "manual"
+                    else None
+                },
+            )
+        ]
+        if request.capture == "automatic":
+            steps.append(Step(S.SETTLING, {"settle_attempts": 1}))
     with UnitOfWork(rt.engine) as uow:
         try:
             insert_payment(uow.session, payment, now=now, then=steps)
@@ -304,14 +335,23 @@ def handle_paywall(
         uow.commit()
     cache.note(request.id, *claimed)
 
-    if request.capture == "manual":
+    if request.capture == "manual" and not escrow:
         return _deliver(offer, payment, _settlement(payment, ""))
     return _resume(rt, offer, payment, ctx=ctx)
 
 
-#: States in which the payer has paid (money moved to the payee, possibly refunded since).
+#: States in which the payer has paid (money moved to the payee, possibly refunded since; or,
+#: on-chain escrow, captured by the contract for the receiver).
 _DELIVERED = frozenset(
-    s.value for s in (S.SETTLED, S.RELEASED, S.REFUNDING, S.PARTIALLY_REFUNDED, S.REFUNDED)
+    s.value
+    for s in (
+        S.SETTLED,
+        S.RELEASED,
+        S.REFUNDING,
+        S.PARTIALLY_REFUNDED,
+        S.REFUNDED,
+        S.CAPTURED,
+    )
 )
 
 
@@ -353,8 +393,8 @@ def _resume(
     state = payment.state
     if state in _DELIVERED:
         return _deliver(offer, payment, _settlement(payment, payment.tx_hash or ""))
-    if state == S.AUTHORIZED.value:
-        return _deliver(offer, payment, _settlement(payment, ""))
+    if state == S.AUTHORIZED.value:  # a hold (on-chain escrow: its authorize transaction)
+        return _deliver(offer, payment, _settlement(payment, payment.tx_hash or ""))
     if state == S.SETTLING.value:
         # Neither paid nor refused: the payer retries with the very same payment header and gets
         # the resource once the chain has it (nothing moves twice).
@@ -429,6 +469,8 @@ def settle_incoming(
                 raise NotFound(f"payment {payment_id} not found")
     if payment.state != S.SETTLING.value:
         return payment
+    if escrow_operator.is_escrow(payment):  # authorize/charge into the escrow contract
+        return escrow_operator.collect(rt, ctx, payment)
     assert payment.signed_payload is not None and payment.requirement is not None
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
     try:
