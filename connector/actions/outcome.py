@@ -195,9 +195,16 @@ def outcome_of(action: str, result: dict[str, Any]) -> Outcome:
         found = payment_status(payment)
     elif action == "void":
         payment = result["payment"]
-        found = (
-            Outcome(SUCCEEDED, None) if payment["state"] == P.VOIDED else payment_status(payment)
-        )
+        escrow = payment.get("escrow") if payment.get("scheme") in SCHEME_ALIASES else None
+        if payment["state"] == P.VOIDED:
+            found = Outcome(SUCCEEDED, None)
+        elif escrow is not None and payment.get("direction") == "incoming":
+            # On-chain escrow: voiding the rest after a partial capture leaves the payment
+            # captured; the void did its work when the escrow holds nothing any more.
+            voided = escrow.get("held") == "0" and escrow.get("voided") not in (None, "0")
+            found = Outcome(SUCCEEDED if voided else PENDING, None)
+        else:
+            found = payment_status(payment)
     elif action == "release":
         payment = result["payment"]
         found = payment_status(payment)

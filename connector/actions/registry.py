@@ -56,7 +56,8 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "refund",
         "Refund a payment",
         "Return all or part of a settled incoming payment to the payer. Several partial refunds "
-        "are allowed; their sum never exceeds what settled.",
+        "are allowed; their sum never exceeds what settled. On-chain escrow (authCapture): the "
+        "escrow's refund of captured money, until the refund deadline.",
         s.RefundInput,
         s.RefundOutput,
         True,
@@ -65,18 +66,21 @@ ACTIONS: tuple[ActionSpec, ...] = (
         "release",
         "Release a held payment",
         "Capture a manual-capture hold (settle it), or for custodial escrow forward the funds to "
-        "the beneficiary.",
-        s.PaymentRef,
+        "the beneficiary. On-chain escrow (authCapture): capture all or part of what the escrow "
+        "holds (several captures allowed), with a fee within the signed bounds.",
+        s.ReleaseInput,
         s.PaymentOutput,
         True,
     ),
     ActionSpec(
         "void",
         "Void a held payment",
-        "Drop a manual-capture hold. Nothing moves on-chain.",
+        "Drop a manual-capture hold; nothing moves on-chain. On-chain escrow (authCapture): "
+        "everything the escrow still holds goes back to the payer (also after a partial "
+        "capture).",
         s.PaymentRef,
         s.PaymentOutput,
-        False,
+        False,  # a void never moves money anywhere but back to the payer, and only once
     ),
     ActionSpec(
         "balance",

@@ -207,15 +207,24 @@ def _refund(
 
 
 def _release(
-    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job: ClaimedJob
+    rt: Runtime, ctx: ConnectionContext, inp: s.ReleaseInput, job: ClaimedJob
 ) -> s.PaymentOutput:
-    return s.PaymentOutput(payment=_payment_view(escrow.release(rt, ctx, inp.payment_id)))
+    # The job id keys an on-chain escrow capture: a retried job resumes it, never repeats it.
+    payment = escrow.release(
+        rt,
+        ctx,
+        inp.payment_id,
+        amount=int(inp.amount) if inp.amount is not None else None,
+        fee_bps=inp.fee_bps,
+        key=job.id,
+    )
+    return s.PaymentOutput(payment=_payment_view(payment))
 
 
 def _void(
     rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job: ClaimedJob
 ) -> s.PaymentOutput:
-    return s.PaymentOutput(payment=_payment_view(escrow.void(rt, ctx, inp.payment_id)))
+    return s.PaymentOutput(payment=_payment_view(escrow.void(rt, ctx, inp.payment_id, key=job.id)))
 
 
 def _balance(

@@ -5,13 +5,17 @@
 * Custodial escrow: the payer paid the connection's own (escrow) wallet. ``release`` forwards the
   funds to the beneficiary with a transfer signed by the escrow key — signed once, stored on the
   payment, then settled — and the payment ends ``released``.
+* On-chain escrow (``authCapture``): the escrow contract holds the funds. ``release`` is the
+  escrow's ``capture`` (any part of what is held, as often as wanted, with a fee within the
+  signed bounds), ``void`` its ``void`` (everything still held goes back to the payer, also after
+  a partial capture); see :mod:`connector.payments.escrow_operator`.
 """
 
 from __future__ import annotations
 
 import connector.payments.protocol as proto
-from connector.errors import Conflict, NotFound, SettlementPending
-from connector.payments import offers
+from connector.errors import Conflict, NotFound, SettlementPending, ValidationFailed
+from connector.payments import escrow_operator, offers
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
@@ -33,7 +37,21 @@ def _load(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
     return payment
 
 
-def void(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+def _escrow_payment(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> bool:
+    """Whether ``payment_id`` is this connection's on-chain escrow payment (read once)."""
+    payment = _load(rt, ctx, payment_id)
+    return escrow_operator.is_escrow(payment)
+
+
+def void(
+    rt: Runtime, ctx: ConnectionContext, payment_id: str, *, key: str | None = None
+) -> Payment:
+    """Drop a hold. ``key`` (the job's id) makes an on-chain escrow void resumable."""
+    if _escrow_payment(rt, ctx, payment_id):
+        voided, _ = escrow_operator.operate(
+            rt, ctx, payment_id, "void", key=key or f"void:{payment_id}"
+        )
+        return voided
     with UnitOfWork(rt.engine) as uow:
         payment = uow.session.get(Payment, payment_id)
         if payment is None or payment.connection_id != ctx.id:
@@ -48,10 +66,42 @@ def void(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
     return payment
 
 
-def release(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+def release(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment_id: str,
+    *,
+    amount: int | None = None,
+    fee_bps: int | None = None,
+    key: str | None = None,
+) -> Payment:
+    """Capture a hold. On-chain escrow: ``amount`` (default: all still held) with ``fee_bps``
+    (default: the signed minimum); ``key`` (the job's id) makes the capture resumable without
+    ever capturing twice. Other holds are captured whole."""
     payment = _load(rt, ctx, payment_id)
     if payment.direction != "incoming":
         raise Conflict(f"payment {payment_id} is outgoing; only incoming holds can be released")
+    if escrow_operator.is_escrow(payment):
+        captured, _ = escrow_operator.operate(
+            rt,
+            ctx,
+            payment_id,
+            "capture",
+            key=key or f"capture:{payment_id}",
+            amount=amount,
+            fee_bps=fee_bps,
+        )
+        return captured
+    if fee_bps is not None:
+        raise ValidationFailed(
+            "`fee_bps` applies to on-chain escrow (authCapture) captures only", field="fee_bps"
+        )
+    if amount is not None and amount != payment.amount:
+        raise ValidationFailed(
+            f"payment {payment_id} is an `exact` hold: it is captured whole ({payment.amount}); "
+            "partial capture needs on-chain escrow (authCapture)",
+            field="amount",
+        )
     if payment.state == S.AUTHORIZED.value:
         with UnitOfWork(rt.engine) as uow:
             current = uow.session.get(Payment, payment_id)

@@ -3,6 +3,14 @@
 The ``exact`` scheme cannot be reversed, so a refund is a new EIP-3009 transfer from the payee's
 wallet (or the escrow's) back to the payer, settled through the same facilitator. Like a send it
 is signed once and stored on its :class:`Refund` row before the first settle attempt.
+
+An on-chain escrow payment (``authCapture``) is refunded by the escrow's own ``refund`` (the
+operator sends it; nothing is signed by the payee): each refund is still one :class:`Refund` row
+(amount, state, transaction, idempotency key), recorded with the payment's escrow operation in
+one transaction; it succeeds when the escrow's ``PaymentRefunded`` event is applied, and never
+exceeds what was captured and not yet refunded, nor runs past the refund deadline
+(:mod:`connector.payments.escrow_operator`). The payment does not pass through ``refunding``:
+its state comes from the escrow's events.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from connector.errors import (
     ValidationFailed,
 )
 from connector.ids import new_id
+from connector.payments import escrow_operator
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
@@ -50,7 +59,15 @@ def start_refund(
     reason: str | None,
     idempotency_key: str | None,
 ) -> Refund:
-    """Create (or find) the refund and sign its transfer; moves the payment to ``refunding``."""
+    """Create (or find) the refund and sign its transfer; moves the payment to ``refunding``.
+    On-chain escrow: plans (and runs) the escrow refund instead; see :func:`settle_refund`."""
+    if _is_escrow_refund(rt, ctx, payment_id):
+        key = idempotency_key or new_id("key")
+        _, refund = escrow_operator.operate(
+            rt, ctx, payment_id, "refund", key=key, amount=amount, reason=reason
+        )
+        assert refund is not None
+        return refund
     with UnitOfWork(rt.engine) as uow:
         session = uow.session
         if idempotency_key is not None:
@@ -105,6 +122,14 @@ def start_refund(
         return refund
 
 
+def _is_escrow_refund(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> bool:
+    with UnitOfWork(rt.engine) as uow:
+        payment = uow.session.get(Payment, payment_id)
+    if payment is None or payment.connection_id != ctx.id:
+        raise NotFound(f"payment {payment_id} not found")
+    return escrow_operator.is_escrow(payment) and payment.direction == "incoming"
+
+
 def settle_refund(rt: Runtime, ctx: ConnectionContext, refund_id: str) -> tuple[Refund, Payment]:
     """Settle a pending refund with its stored authorization; safe to call again."""
     with UnitOfWork(rt.engine) as uow:
@@ -115,6 +140,17 @@ def settle_refund(rt: Runtime, ctx: ConnectionContext, refund_id: str) -> tuple[
         assert payment is not None
         if refund.state in ("succeeded", "failed"):
             return refund, payment
+    if escrow_operator.is_escrow(payment) and refund.nonce is None:
+        # An escrow refund: resumed through its operation (the refund's idempotency key).
+        assert refund.idempotency_key is not None
+        payment, row = escrow_operator.operate(
+            rt, ctx, payment.id, "refund", key=refund.idempotency_key
+        )
+        assert row is not None
+        return row, payment
+    with UnitOfWork(rt.engine) as uow:
+        refund = uow.session.get(Refund, refund_id)
+        assert refund is not None
         refund.state = "settling"
         refund.updated_at = datetime.now(UTC)
         uow.session.add(refund)
