@@ -49,7 +49,9 @@ def test_manifest_schemas_are_valid_json_schema(agent: Agent) -> None:
 
 def test_every_manifest_action_really_runs(agent: Agent, stack: Stack) -> None:
     seller = make_agent(stack, stack.accounts[17])
-    req = seller.run("receive", {"amount": "100", "capture": "manual"})["payment_request"]
+    req = seller.run("receive", {"amount": "100", "capture": "manual", "scheme": "exact"})[
+        "payment_request"
+    ]
     paid_job = agent.job("send", {"url": req["url"]})
     assert paid_job["status"] == "pending", paid_job  # the payee holds it: outcome not known yet
     paid = paid_job["result"]
@@ -71,7 +73,9 @@ def test_every_manifest_action_really_runs(agent: Agent, stack: Stack) -> None:
         "/v1/admin/payments", params={"connection_id": seller.connection_id, "state": "settled"}
     ).json()["data"][0]
     assert seller.run("refund", {"payment_id": settled["id"]})["payment"]["state"] == "refunded"
-    req2 = seller.run("receive", {"amount": "7", "capture": "manual"})["payment_request"]
+    req2 = seller.run("receive", {"amount": "7", "capture": "manual", "scheme": "exact"})[
+        "payment_request"
+    ]
     assert agent.job("send", {"url": req2["url"]})["status"] == "pending"
     held2 = seller.http.get(
         "/v1/admin/payments",

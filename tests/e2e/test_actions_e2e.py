@@ -70,7 +70,7 @@ def test_direct_payment_to_an_address(buyer: Agent, seller: Agent) -> None:
 
 def test_manual_capture_hold_then_void_moves_nothing(buyer: Agent, seller: Agent) -> None:
     before = buyer.balance(), seller.balance()
-    request = offer(seller, 5_000, capture="manual")
+    request = offer(seller, 5_000, capture="manual", scheme="exact")
     job = buyer.job("send", {"url": request["url"]})
     # the payee holds the authorization: the money's fate is not known, so the job is pending
     # (not final, never failed) with the delivered response already in its result
@@ -247,7 +247,7 @@ def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
 
     from connector.payments import maintenance
 
-    request = offer(seller, 3_333, capture="manual")
+    request = offer(seller, 3_333, capture="manual", scheme="exact")
     job = buyer.job("send", {"url": request["url"]})
     sent = job["result"]["payment"]
     assert sent["state"] == "settling" and job["status"] == "pending"
@@ -261,7 +261,7 @@ def test_reconciler_settles_the_buyer_side_after_capture_and_expires_holds(
     done = buyer.http.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "succeeded" and done["result"]["payment"]["state"] == "settled"
 
-    request2 = offer(seller, 4_444, capture="manual")
+    request2 = offer(seller, 4_444, capture="manual", scheme="exact")
     assert buyer.job("send", {"url": request2["url"]})["status"] == "pending"
     hold = next(p for p in incoming(seller, "authorized") if p["amount"] == "4444")
     deadline = datetime.fromisoformat(hold["hold_expires_at"])

@@ -414,7 +414,7 @@ def test_a_voided_hold_reopens_a_single_use_paywall(
 
     with paywall_app(engine, tmp_path, paywall_state_ttl_s=60) as (rt, server):
         conn_id = seller_connection(rt, chain, accounts[17], facilitator_url)
-        rid = offer(rt, conn_id, capture="manual")
+        rid = offer(rt, conn_id, capture="manual", scheme="exact")
         first = httpx.get(url_of(server, rid))
         held = httpx.get(url_of(server, rid), headers=pay_header(accounts[2], first), timeout=30)
         assert held.status_code == 200, held.text  # delivered against the hold
