@@ -201,21 +201,35 @@ def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:
     )
     d.expect('"sunny"' in (paid["response"]["body"] or ""), "resource delivered to the buyer")
 
-    d.step("Seller offers a held resource (manual capture = escrow hold), buyer pays")
+    d.step("Seller offers a held resource (manual capture: on-chain escrow), buyer pays")
     held_offer = d.call(
         seller, "receive", {"amount": str(200_000), "capture": "manual", "resource": {"ok": 1}}
     )["payment_request"]
-    held_send = d.call(buyer, "send", {"url": held_offer["url"]}, status="pending")
     d.expect(
-        held_send["payment"]["state"] == "settling" and held_send["response"]["status"] == 200,
-        "buyer got the resource; its job is pending (payment settling) while the seller holds it",
+        held_offer["scheme"] == "authCapture",
+        f"offered as authCapture, operator {held_offer['escrow_terms']['operator']}",
+    )
+    held_send = d.call(buyer, "send", {"url": held_offer["url"]})
+    d.expect(
+        held_send["response"]["status"] == 200,
+        "buyer got the resource; its money now sits in the escrow contract",
     )
     incoming = d.http.get(
         "/v1/admin/payments", params={"connection_id": seller, "state": "authorized"}
     ).json()["data"]
-    d.expect(len(incoming) == 1, f"seller holds payment {incoming[0]['id'] if incoming else '-'}")
-    released = d.call(seller, "release", {"payment_id": incoming[0]["id"]})["payment"]
-    d.expect(released["state"] == "settled", f"hold released and settled, tx {released['tx_hash']}")
+    d.expect(
+        len(incoming) == 1 and incoming[0]["escrow"]["held"] == "200000",
+        f"escrow holds payment {incoming[0]['id'] if incoming else '-'} (0.2 dUSD)",
+    )
+    captured = d.call(
+        seller, "release", {"payment_id": incoming[0]["id"], "amount": str(150_000)}
+    )["payment"]
+    d.expect(
+        captured["state"] == "captured" and captured["captured_amount"] == "150000",
+        "seller captured 0.15 dUSD of the hold",
+    )
+    rest = d.call(seller, "void", {"payment_id": incoming[0]["id"]})["payment"]
+    d.expect(rest["escrow"]["voided"] == "50000", "the rest (0.05 dUSD) went back to the buyer")
 
     d.step("Seller refunds part of the first payment (0.02 dUSD)")
     first_incoming = d.http.get(
@@ -247,6 +261,7 @@ def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:
     deadline = time.monotonic() + 20
     wanted = {
         "payment.settled",
+        "payment.captured",
         "payment.rejected",
         "payment.simulated",
         "payment.partially_refunded",
@@ -277,7 +292,7 @@ def _scenario(d: Demo, receiver: Receiver, hooks_url: str) -> int:
     for who in ("buyer", "seller"):
         balances.add_row(who, fmt(before[who]), fmt(after[who]), fmt(after[who] - before[who]))
     d.console.print(balances)
-    moved = 50_000 + 200_000 - 20_000
+    moved = 50_000 + 150_000 - 20_000
     d.expect(after["buyer"] == before["buyer"] - moved, f"buyer paid exactly {fmt(moved)}")
     d.expect(after["seller"] == before["seller"] + moved, f"seller received exactly {fmt(moved)}")
     d.console.rule("[bold green]demo complete")

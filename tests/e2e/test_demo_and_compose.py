@@ -29,7 +29,8 @@ def test_demo_command_exits_zero_and_moves_money(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "demo complete" in out
-    assert "buyer paid exactly 0.230000 dUSD" in out
+    assert "buyer paid exactly 0.180000 dUSD" in out
+    assert "the rest (0.05 dUSD) went back to the buyer" in out
     assert "rejected by rule budget.day" in out
     # Not wrapped at 80 columns: a transaction hash stays on its line.
     assert re.search(r"settled, tx 0x[0-9a-f]{64}\n", out), out
