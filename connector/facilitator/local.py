@@ -79,7 +79,13 @@ class LocalFacilitator:
         self.confirmations = max(1, confirmations)
         # Further schemes by name (handlers with kinds()/verify()/settle()); authCapture by default.
         self.scheme_handlers: dict[str, Any] = {}
-        self.register_scheme(AuthCaptureFacilitator(chain, gas_key, network=network, assets=assets))
+        # The escrow operations wait for their receipt as long as transfers do: past it the
+        # answer is settlement_pending with the transaction hash (an unknown outcome).
+        self.register_scheme(
+            AuthCaptureFacilitator(
+                chain, gas_key, network=network, assets=assets, receipt_timeout_s=receipt_timeout_s
+            )
+        )
 
     def register_scheme(self, handler: Any) -> None:
         """Route requests whose requirements name one of ``handler.schemes`` to ``handler``."""
