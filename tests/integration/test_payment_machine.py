@@ -127,3 +127,27 @@ def test_a_lost_race_leaves_the_copy_in_hand_unchanged(engine: Engine) -> None:
         advance(s, p, [Step(S.AUTHORIZED), Step(S.SETTLING)])
     # The caller can still tell what it last knew, and retry from a fresh read.
     assert (p.state, p.version) == ("created", 1)
+
+
+def test_applying_escrow_events_keeps_the_ledgers_other_keys(engine: Engine) -> None:
+    """The operator records its in-flight operations in the ledger (``escrow.ops``); applying
+    escrow events must not wipe them (it used to rebuild the ledger from the totals alone)."""
+    from connector.payments.escrow_ledger import apply_escrow_events
+    from connector.payments.machine import update_fields
+    from connector.x402.auth_capture import EscrowEvent
+
+    def event(name: str, amount: int, block: int) -> EscrowEvent:
+        return EscrowEvent(name, amount, "0x" + f"{block:064x}", block, 0)
+
+    ops = [{"key": "job_1", "type": "capture", "status": "pending", "tx_hash": "0x1"}]
+    with transaction(engine) as s:
+        p = insert_payment(s, new_payment(), then=[Step(S.SETTLING)])
+        apply_escrow_events(s, p, [event("PaymentAuthorized", 100, 1)])
+        update_fields(s, p, escrow={**(p.escrow or {}), "ops": ops})
+        apply_escrow_events(s, p, [event("PaymentCaptured", 40, 2)])
+    with transaction(engine) as s:
+        stored = s.get(Payment, p.id)
+        assert stored is not None and stored.state == "captured"
+        assert stored.escrow is not None and stored.escrow["ops"] == ops
+        assert (stored.escrow["held"], stored.escrow["captured"]) == ("60", "40")
+    assert events_of(engine, p.id)[-2:] == ["payment.authorized", "payment.captured"]
