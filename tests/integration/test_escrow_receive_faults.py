@@ -10,6 +10,7 @@ facilitator whose ``/settle`` hangs, refuses, or does the work and then fails to
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +35,11 @@ from connector.payments.context_loader import load_connection
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment
+from connector.x402 import auth_capture as ac
+from connector.x402 import codec
 from tests.fixtures.servers import LiveServer
 from tests.integration.test_paywall import (
+    counting_statements,
     offer,
     paid_count,
     pay_header,
@@ -119,9 +123,13 @@ def setup(
     accounts: list[LocalAccount],
 ) -> Iterator[dict[str, Any]]:
     # accounts[18] operates the escrow here (the session facilitator's key 19 stays untouched)
-    with operator_facilitator(chain, accounts[18], chain_client) as (fac, mode, local), (
-        paywall_app(engine, tmp_path, facilitator_timeout_s=1.0, external_max_retries=1)
-    ) as (rt, server):
+    with (
+        operator_facilitator(chain, accounts[18], chain_client) as (fac, mode, local),
+        paywall_app(engine, tmp_path, facilitator_timeout_s=1.0, external_max_retries=1) as (
+            rt,
+            server,
+        ),
+    ):
         conn_id = seller_connection(rt, chain, accounts[13], fac.url)
         yield {"rt": rt, "server": server, "mode": mode, "conn": conn_id, "local": local}
 
@@ -136,6 +144,35 @@ def _held(setup: dict[str, Any], payer: LocalAccount, receiver: str, amount: int
     payment_id: str = paid.headers["x-x402c-payment-id"]
     assert _payment(rt, payment_id).state == "authorized"
     return payment_id
+
+
+def test_the_escrow_offer_is_fixed_at_creation_and_served_from_memory(
+    setup: dict[str, Any], accounts: list[LocalAccount]
+) -> None:
+    rt, server = setup["rt"], setup["server"]
+    fees = Account.create().address
+    created = int(time.time())
+    rid = offer(
+        rt, setup["conn"], capture="automatic", scheme="authCapture",
+        min_fee_bps=10, max_fee_bps=20, fee_receiver=fees, capture_deadline_s=4_000,
+    )  # fmt: skip
+    first = httpx.get(url_of(server, rid))
+    assert first.status_code == 402
+    required = codec.decode_b64_json(first.headers["payment-required"], "h")
+    assert first.json() == required  # v2 only: no v1 body
+    spec, alias = required["accepts"]
+    assert (spec["scheme"], alias["scheme"]) == ("authCapture", "auth-capture")
+    assert {**alias, "scheme": "authCapture"} == spec  # the same terms under both names
+    extra = ac.parse_extra(spec["extra"])
+    assert extra.capture_authorizer == accounts[18].address  # the facilitator's signer
+    assert (extra.min_fee_bps, extra.max_fee_bps, extra.fee_recipient) == (10, 20, fees)
+    assert created + 4_000 <= extra.capture_deadline <= int(time.time()) + 4_000
+    assert extra.refund_deadline == extra.capture_deadline + 7 * 24 * 3600
+    assert spec["extra"]["autoCapture"] is True
+    with counting_statements(rt.engine) as statements:
+        again = [httpx.get(url_of(server, rid)) for _ in range(10)]
+    assert statements == []  # no read, no write: the offer never changes
+    assert {r.headers["payment-required"] for r in again} == {first.headers["payment-required"]}
 
 
 def test_a_pending_collection_keeps_the_claim_and_the_same_header_delivers_later(
@@ -293,3 +330,42 @@ def test_a_refund_with_its_operator_unfunded_is_a_failed_refund_and_moves_nothin
     assert chain_client.token_balance(chain.token, payer.address) == before
     payment = _payment(rt, pid)
     assert payment.state == "captured" and payment.refunded_amount == 0
+
+
+def test_manual_capture_falls_back_to_the_exact_hold_where_escrow_cannot_run(
+    setup: dict[str, Any], devchain_node: tuple[Anvil, DevChainInfo], chain: DevChainInfo,
+    accounts: list[LocalAccount],
+) -> None:  # fmt: skip
+    from connector.actions.schemas import ReceiveInput
+    from connector.payments import receive
+
+    rt = setup["rt"]
+    node, _ = devchain_node
+
+    def scheme_of(conn_id: str, **fields: Any) -> str:
+        ctx = load_connection(rt, conn_id)
+        inp = ReceiveInput.model_validate({"amount": "5", "capture": "manual", **fields})
+        return receive.create_request(rt, ctx, inp).scheme
+
+    # a facilitator that does not operate the escrow (no authCapture in /supported)
+    plain = FastAPI()
+
+    @plain.get("/supported")
+    def supported() -> dict[str, Any]:
+        kinds = [{"x402Version": 2, "scheme": "exact", "network": chain.network}]
+        return {"kinds": kinds, "signers": {"eip155:*": [accounts[18].address]}}
+
+    with LiveServer(plain) as other:
+        conn = seller_connection(rt, chain, accounts[12], other.url)
+        assert scheme_of(conn) == "exact"
+        with pytest.raises(escrow_operator.EscrowUnavailable):
+            scheme_of(conn, scheme="authCapture")
+    # no escrow code on the chain (inside this test's snapshot): the hold, whatever the facilitator
+    escrow_operator._cache.clear()
+    node._rpc("anvil_setCode", [ac.DEFAULT_DEPLOYMENT.escrow, "0x"])
+    try:
+        assert scheme_of(setup["conn"]) == "exact"
+        with pytest.raises(escrow_operator.EscrowUnavailable):
+            scheme_of(setup["conn"], max_fee_bps=5, fee_receiver=accounts[3].address)
+    finally:
+        escrow_operator._cache.clear()
