@@ -569,11 +569,18 @@ def operate(
     idempotency key): plan it (refusing what the escrow would refuse, before anything is sent),
     send it through the facilitator, apply its escrow events. Safe to call again with the same
     key: it resumes, never repeats a sent operation."""
-    payment = _check_payment(rt, ctx, payment_id)
-    if _find(payment, key) is None:
+    for attempt in range(3):
+        payment = _check_payment(rt, ctx, payment_id)
+        if _find(payment, key) is not None:
+            break
         payment = _settle_others(rt, ctx, payment, key)
-        _plan(rt, payment, kind, key, amount, fee_bps, reason)
-    return _drive(rt, ctx, payment.id, key)
+        try:
+            _plan(rt, payment, kind, key, amount, fee_bps, reason)
+            break
+        except ConcurrentUpdate:  # the payment moved while we checked: check again
+            if attempt == 2:
+                raise
+    return _drive(rt, ctx, payment_id, key)
 
 
 def _settle_others(rt: Runtime, ctx: ConnectionContext, payment: Payment, key: str) -> Payment:
@@ -766,7 +773,12 @@ def _send(
     op: dict[str, Any],
 ) -> tuple[Payment, Refund | None]:
     key = str(op["key"])
-    _update_op(rt, payment.id, key, tried=True)
+    if not _claim_send(rt, payment.id, key, int(op.get("attempts", 0))):
+        # Another run of the same job (a redelivered task) is sending it right now.
+        raise SettlementPending(
+            f"escrow {op['type']} of {payment.id} is being sent by another attempt",
+            payment_id=payment.id,
+        )
     if op.get("refund_id"):
         _refund_state(rt, str(op["refund_id"]), "settling")
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
@@ -828,6 +840,24 @@ def _decide_by_receipt(
         except ExternalServiceError:
             events = []
     return _finish(rt, payment.id, str(op["key"]), tx_hash, events)
+
+
+def _claim_send(rt: Runtime, payment_id: str, key: str, seen: int) -> bool:
+    """Count one more send attempt, unless someone counted one since we read ``seen``: of two
+    runs of the same job that both decided to send, exactly one sends (the payment's version
+    check serializes the claims)."""
+
+    def work(session: Session, payment: Payment) -> bool:
+        op = _find(payment, key)
+        if op is None or op.get("status") not in IN_FLIGHT or int(op.get("attempts", 0)) != seen:
+            return False
+        _store_op(session, payment, {**op, "tried": True, "attempts": seen + 1})
+        return True
+
+    try:
+        return _in_session_once(rt, payment_id, work)
+    except ConcurrentUpdate:
+        return False
 
 
 def _update_op(rt: Runtime, payment_id: str, key: str, **changes: Any) -> None:

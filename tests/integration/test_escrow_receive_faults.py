@@ -369,3 +369,21 @@ def test_manual_capture_falls_back_to_the_exact_hold_where_escrow_cannot_run(
             scheme_of(setup["conn"], max_fee_bps=5, fee_receiver=accounts[3].address)
     finally:
         escrow_operator._cache.clear()
+
+
+def test_of_two_runs_of_one_job_only_one_sends(
+    setup: dict[str, Any], chain: DevChainInfo, chain_client: ChainClient,
+    accounts: list[LocalAccount],
+) -> None:  # fmt: skip
+    rt = setup["rt"]
+    receiver = Account.create().address
+    pid = _held(setup, accounts[6], receiver)
+    ctx = load_connection(rt, setup["conn"])
+    escrow_operator._plan(rt, _payment(rt, pid), "capture", "job-x", 100, None, None)
+    # a redelivered task and the original both decide to send: one claim wins
+    assert escrow_operator._claim_send(rt, pid, "job-x", 0) is True
+    assert escrow_operator._claim_send(rt, pid, "job-x", 0) is False
+    # the winner never reported back: the next run looks at the history, finds nothing, sends once
+    done = escrow.release(rt, ctx, pid, amount=100, key="job-x")
+    assert done.captured_amount == 100
+    assert chain_client.token_balance(chain.token, receiver) == 100
