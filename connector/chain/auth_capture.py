@@ -9,6 +9,7 @@ and bounded retries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from eth_abi.abi import encode
 from eth_account.signers.local import LocalAccount
@@ -19,6 +20,20 @@ from connector.x402 import auth_capture as ac
 #: Gas for one escrow operation (authorize/charge with a first token-store deployment is the
 #: heaviest, ~300k on anvil); the simulation runs first, so an over-cap call never broadcasts.
 ESCROW_GAS = 600_000
+
+
+@dataclass(frozen=True)
+class EscrowSnapshot:
+    """One payment in the escrow as of one block: its ``paymentState`` and its events."""
+
+    block: int
+    state: ac.EscrowState
+    events: list[ac.EscrowEvent]
+
+
+def _decoded(logs: Any) -> list[ac.EscrowEvent]:
+    events = [e for e in (ac.decode_escrow_log(log) for log in logs or []) if e is not None]
+    return sorted(events, key=lambda e: (e.block_number, e.log_index))
 
 
 @dataclass(frozen=True)
@@ -57,19 +72,43 @@ class EscrowClient:
     def history(self, info: ac.PaymentInfo, *, from_block: int = 0) -> list[ac.EscrowEvent]:
         """Every escrow event of this payment, in chain order — including operations done
         outside the connector (a payer's ``reclaim``, another operator client's capture)."""
-        logs = self.client.rpc(
-            "eth_getLogs",
+        logs = self.client.rpc("eth_getLogs", [self._filter(info, from_block, "latest")])
+        return _decoded(logs)
+
+    def snapshot(self, info: ac.PaymentInfo, *, from_block: int = 0) -> EscrowSnapshot:
+        """``paymentState`` and the event history read at ONE block (the head when asked), so
+        that replaying the events must give the state: a difference is a real disagreement
+        (a missed or reorganized event), never an operation that landed between two reads."""
+        head = self.client.block_number()
+        at = hex(head)
+        data = ac.payment_state_data(self.payment_hash(info))
+        state_hex, logs = self.client.rpc_batch(
             [
-                {
-                    "address": self.escrow,
-                    "fromBlock": hex(from_block),
-                    "toBlock": "latest",
-                    "topics": [list(ac.EVENT_TOPICS), "0x" + self.payment_hash(info).hex()],
-                }
-            ],
+                ("eth_call", [{"to": self.escrow, "data": data}, at]),
+                ("eth_getLogs", [self._filter(info, min(from_block, head), at)]),
+            ]
         )
-        events = [e for e in (ac.decode_escrow_log(log) for log in logs or []) if e is not None]
-        return sorted(events, key=lambda e: (e.block_number, e.log_index))
+        return EscrowSnapshot(head, ac.decode_payment_state(str(state_hex)), _decoded(logs))
+
+    def events_in(self, receipt: Receipt, info: ac.PaymentInfo) -> list[ac.EscrowEvent]:
+        """The escrow events of this payment that one transaction emitted (its receipt's logs)."""
+        topic = "0x" + self.payment_hash(info).hex()
+        mine = [
+            log
+            for log in receipt.logs
+            if str(log.get("address", "")).lower() == self.escrow.lower()
+            and len(log.get("topics") or []) > 1
+            and str(log["topics"][1]).lower() == topic
+        ]
+        return _decoded(mine)
+
+    def _filter(self, info: ac.PaymentInfo, from_block: int, to_block: str) -> dict[str, Any]:
+        return {
+            "address": self.escrow,
+            "fromBlock": hex(from_block),
+            "toBlock": to_block,
+            "topics": [list(ac.EVENT_TOPICS), "0x" + self.payment_hash(info).hex()],
+        }
 
     def simulate(self, sender: str, data: str) -> Simulation:
         ok, returned = self.client.try_call(self.escrow, data, sender=sender)
