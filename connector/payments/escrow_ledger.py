@@ -29,6 +29,7 @@ from connector.events.outbox import record_events
 from connector.payments.machine import Step, advance, update_fields
 from connector.payments.states import TRANSITIONS, PaymentState
 from connector.payments.views import payment_snapshot
+from connector.policy import budgets
 from connector.storage.models.payments import Payment
 from connector.x402.auth_capture import EscrowEvent
 
@@ -117,6 +118,25 @@ def headline(totals: EscrowTotals) -> PaymentState | None:
     return S.PARTIALLY_REFUNDED
 
 
+def collected(payment: Payment) -> bool:
+    """True once the escrow collected this payment's funds (authorize or charge seen on-chain):
+    from then on ``authorized`` means "held by the contract", not "signed, not sent yet"."""
+    return bool((payment.escrow or {}).get("collected"))
+
+
+def from_block(payment: Payment) -> int:
+    """The block of the payment's first escrow event (0 before any): where a history read of
+    this payment can start, so it never scans the chain from genesis once the payment is known."""
+    return int((payment.escrow or {}).get("from_block") or 0)
+
+
+def budget_kept(totals: EscrowTotals) -> int:
+    """What an outgoing escrow payment costs the payer's budget: what is still held (it may yet
+    be captured) plus what was captured. Voided and reclaimed amounts came back to the payer;
+    refunds are the seller's doing and, as for ``exact`` payments, do not restore the budget."""
+    return totals.held + totals.captured
+
+
 def event_key(event: EscrowEvent) -> str:
     return f"{event.tx_hash.lower()}:{event.log_index}"
 
@@ -140,7 +160,10 @@ def apply_escrow_events(
 
     One versioned write and one outbox event per new escrow event (so a payment's events keep
     the chain's order and each snapshot shows the amounts after its operation), in the caller's
-    transaction. Raises
+    transaction. An outgoing payment's budget reservation follows the totals in the same
+    transaction (:func:`connector.policy.budgets.follow_escrow`): held or captured money counts,
+    voided or reclaimed money is given back — an absolute write, so applying twice or racing
+    another applier cannot give anything back twice. Raises
     :class:`~connector.errors.ConcurrentUpdate` when the payment moved meanwhile (re-read it and
     apply again: applied events are skipped).
     """
@@ -152,12 +175,13 @@ def apply_escrow_events(
         key=lambda e: (e.block_number, e.log_index),
     )
     totals = totals_of(payment)
+    first_block = from_block(payment) or min((e.block_number for e in fresh), default=0)
     for event in fresh:
         totals = totals.after(event)
         seen.append(event_key(event))
         changes = {
             # Keys the totals do not own (the operator's in-flight operations, ``ops``) stay.
-            "escrow": {**(payment.escrow or {}), **totals.to_wire(seen)},
+            "escrow": {**(payment.escrow or {}), **totals.to_wire(seen), "from_block": first_block},
             "captured_amount": totals.captured,
             "refunded_amount": max(payment.refunded_amount, totals.refunded),
             "tx_hash": payment.tx_hash or event.tx_hash,
@@ -192,6 +216,10 @@ def apply_escrow_events(
                     )
                 ],
             )
+    if fresh and payment.direction == "outgoing":
+        budgets.follow_escrow(
+            session, payment.id, kept=budget_kept(totals), held=totals.held > 0, now=now
+        )
     return bool(fresh)
 
 

@@ -98,7 +98,9 @@ TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
     S.REFUNDED: frozenset(),
     # failed -> settled: a correction, taken only by the reconciler on on-chain evidence (the
     # authorization's nonce is used: a transfer thought failed was mined after all).
-    S.FAILED: frozenset({S.SETTLED}),
+    # failed -> authorized / captured: the same correction for an on-chain escrow collection
+    # (the escrow's events show it funded after all).
+    S.FAILED: frozenset({S.SETTLED, S.AUTHORIZED, S.CAPTURED}),
     S.REJECTED: frozenset(),
     S.VOIDED: frozenset(),
     S.EXPIRED: frozenset(),
@@ -106,7 +108,9 @@ TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
 }
 
 #: Edges that correct a final state from on-chain evidence; no request can take them.
-CORRECTIONS: frozenset[tuple[PaymentState, PaymentState]] = frozenset({(S.FAILED, S.SETTLED)})
+CORRECTIONS: frozenset[tuple[PaymentState, PaymentState]] = frozenset(
+    {(S.FAILED, S.SETTLED), (S.FAILED, S.AUTHORIZED), (S.FAILED, S.CAPTURED)}
+)
 
 #: Final states: nothing but a correction from the chain (see CORRECTIONS) leaves them.
 TERMINAL: frozenset[PaymentState] = frozenset(

@@ -57,4 +57,9 @@ def _escrow_view(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
     """The escrow amounts of an on-chain escrow payment (None for any other payment)."""
     if not ledger:
         return None
-    return {k: v for k, v in ledger.items() if k not in ("seen", "ops")}
+    return {k: v for k, v in ledger.items() if k not in _LEDGER_INTERNAL}
+
+
+#: Ledger keys that are not amounts: applied event keys, the block a history read starts at,
+#: the operator's in-flight operations.
+_LEDGER_INTERNAL = frozenset({"seen", "from_block", "ops"})

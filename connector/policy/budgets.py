@@ -1,8 +1,11 @@
 """Durable budget reservations that hold under any number of concurrent workers.
 
 Protocol: *reserve* before signing, *confirm* when settled, *release* only on a definite failure
-(nothing can move any more). When the outcome is unknown the reservation stays held, so the
-budget fails closed: we may under-spend after a crash, never over-spend.
+(nothing can move any more). An on-chain escrow (``authCapture``) payment's reservation follows
+its escrow totals instead (:func:`follow_escrow`): held while the escrow holds part of it,
+shrunk by what was voided or reclaimed, released when all of it came back. When the outcome is
+unknown the reservation stays held, so the budget fails closed: we may under-spend after a crash,
+never over-spend.
 
 Serialization: every decision for a connection first bumps its ``budget_locks`` row. On
 PostgreSQL that is a row lock held to commit; on SQLite it takes the database write lock. Either
@@ -196,3 +199,33 @@ def recount(session: Session, payment_id: str) -> bool:
     return _set_status(session, payment_id, "confirmed", "held") or _set_status(
         session, payment_id, "confirmed", "released"
     )
+
+
+_FOLLOW = update(RESERVATIONS).where(RESERVATIONS.c.payment_id == bindparam("b_pay"))
+
+
+def follow_escrow(
+    session: Session, payment_id: str, *, kept: int, held: bool, now: datetime | None = None
+) -> bool:
+    """Make an outgoing escrow payment's reservation say what the escrow says.
+
+    ``kept`` is what the payment still costs (held in the escrow + captured); ``held`` whether
+    the escrow still holds part of it. While held the reservation stays ``held`` (the money may
+    still come back); once nothing is held it is ``confirmed`` for what was captured, or
+    ``released`` when nothing was (all of it voided or reclaimed). The write is absolute, not a
+    delta: it runs in the transaction that applies the escrow events to the payment (whose
+    versioned write lets only one applier commit), and repeating it changes nothing — so what
+    came back is given back to the budget exactly once. Only lowers or keeps spend for a payment
+    already counted; a reservation released earlier (a payment given up as failed that the
+    escrow shows funded) counts again, like :func:`recount`.
+    """
+    status = "held" if held else "confirmed" if kept > 0 else "released"
+    values: dict[str, object] = {
+        "status": status,
+        "updated_at": now or datetime.now(UTC),
+        "b_pay": payment_id,
+    }
+    if kept > 0:
+        values["amount"] = kept
+    result = session.execute(_FOLLOW, values)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
