@@ -24,3 +24,9 @@ FACILITATOR_GAS_LOW = Counter(
 FACILITATOR_SETTLEMENTS = Counter(
     "x402c_facilitator_settlements_total", "Facilitator settle outcomes", ["network", "outcome"]
 )
+ESCROW_MISMATCHES = Counter(
+    "x402c_escrow_mismatches_total",
+    "Reconcile found an escrow payment's records disagreeing with the escrow's paymentState "
+    "(events: the chain's events replayed; ledger: our stored totals)",
+    ["kind"],
+)

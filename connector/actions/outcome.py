@@ -116,6 +116,9 @@ def problem_from_error(exc: ConnectorError) -> dict[str, Any]:
         rule=exc.rule if isinstance(exc, PolicyRefused) else None,
         field=exc.context.get("field"),
         payment_id=exc.context.get("payment_id"),
+        # the stable reason of a refusal from the chain or the protocol (an escrow revert's
+        # decoded error, an authCapture verification code)
+        reason=exc.context.get("reason"),
     )
 
 
@@ -156,13 +159,15 @@ def payment_status(payment: dict[str, Any]) -> Outcome:
     """The outcome of an action that answers with this payment (result filled in by caller)."""
     status = SEND_STATUS[PaymentState(payment["state"])]
     if (
-        status == PENDING
-        and payment["state"] == P.AUTHORIZED
-        and payment.get("direction") == "outgoing"
+        payment.get("direction") == "outgoing"
         and payment.get("scheme") in SCHEME_ALIASES
+        and (payment.get("escrow") or {}).get("collected")
     ):
-        # An outgoing on-chain escrow payment in ``authorized`` has paid: its money is held by
-        # the escrow contract, as the seller asked (what the seller captures comes later).
+        # An outgoing on-chain escrow payment the escrow has collected has paid, as the seller
+        # asked: its money is held by the escrow contract (``authorized``) or went to the seller
+        # (``captured``). What the seller does next (capture, void, refund) or the payer's
+        # reclaim does not undo the payment: the send stays succeeded. An ``authorized`` one the
+        # escrow has not collected is only signed: pending, like any other.
         status = SUCCEEDED
     if status == FAILED:
         return Outcome(FAILED, None, _payment_problem(payment))

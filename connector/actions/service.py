@@ -25,7 +25,7 @@ from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceEr
 from connector.jobs import ClaimedJob, claim_job, set_job_status
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
-from connector.payments import escrow, receive, refunds, send
+from connector.payments import escrow, escrow_ledger, receive, refunds, send
 from connector.payments.context import ConnectionContext
 from connector.payments.context_loader import load_connection
 from connector.payments.states import PaymentState
@@ -102,15 +102,23 @@ def _send(
 
 def report_payment(session: Session, payment: Payment) -> None:
     """The reconciler settled (or corrected) ``payment``: the finished ``send`` jobs that made it
-    now report its real outcome, in the same transaction as the payment's change."""
-    if payment.state != PaymentState.SETTLED.value:
+    now report its real outcome, in the same transaction as the payment's change.
+
+    An on-chain escrow payment is paid once the escrow collected it, whatever the seller does
+    next: only a job that reported it failed (a collection given up, later seen funded) is
+    rewritten; a succeeded job keeps its result."""
+    if escrow_ledger.collected(payment) and payment.direction == "outgoing":
+        finished: tuple[str, ...] = ("failed",)
+    elif payment.state == PaymentState.SETTLED.value:
+        finished = ("succeeded", "failed")
+    else:
         return
     session.execute(
         update(Job)
         .where(
             col(Job.payment_id) == payment.id,
             col(Job.action) == "send",
-            col(Job.status).in_(("succeeded", "failed")),
+            col(Job.status).in_(finished),
         )
         .values(
             status="succeeded",
@@ -128,11 +136,16 @@ def _truth_after_race(rt: Runtime, job: ClaimedJob) -> s.SendOutput:
     with UnitOfWork(rt.engine) as uow:
         row = uow.session.get(Job, job.id)
         payment = uow.session.get(Payment, row.payment_id) if row and row.payment_id else None
-    if payment is None or payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
+    in_flight = payment is None or (
+        payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING)
+        and not escrow_ledger.collected(payment)  # held by the escrow contract: paid
+    )
+    if in_flight:
         raise ExternalServiceError(
             f"the payment of job {job.id} is being settled by another worker; retrying",
             payment_id=payment.id if payment else None,
         )
+    assert payment is not None
     return _send_output(payment)
 
 

@@ -10,6 +10,12 @@ Two phases, each safe to repeat:
    (so a crash is visible), then retries the paid request (or the facilitator settle) with the
    very same authorization as often as needed. Because an EIP-3009 nonce can be used once, no
    retry can pay twice.
+
+An on-chain escrow (``authCapture``) payment follows the escrow instead of ending ``settled``:
+once its collection is funded, the escrow events of the settlement transaction are applied
+(:mod:`connector.payments.escrow_sync`), so it ends ``authorized`` (held by the contract) or
+``captured`` (charged), and its budget reservation follows the escrow from then on. What the
+seller (or the payer's ``reclaim``) does later is picked up by reconciliation.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from connector.errors import (
 from connector.ids import new_id
 from connector.jobs import link_payment
 from connector.logs import get_logger
+from connector.payments import escrow_sync
 from connector.payments.context import ConnectionContext
+from connector.payments.escrow_ledger import collected
 from connector.payments.http_fetch import Fetched, FetchFailed, same_origin, without_credentials
 from connector.payments.machine import Step, advance, insert_payment, transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, authorization_used, outcome
@@ -296,11 +304,14 @@ def _job_input(session: Session, payment_id: str) -> SendInput | None:
 def execute_send(
     rt: Runtime, ctx: ConnectionContext, payment_id: str
 ) -> tuple[Payment, Fetched | None]:
-    """Use the stored authorization; repeatable until the payment leaves ``settling``."""
+    """Use the stored authorization; repeatable until the payment leaves ``settling``.
+    An escrow payment in ``authorized`` whose funds the escrow holds is paid: nothing to do."""
     with UnitOfWork(rt.engine) as uow:
         payment = uow.session.get(Payment, payment_id)
         if payment is None:
             raise LookupError(payment_id)
+        if collected(payment):
+            return payment, None
         if payment.state == S.AUTHORIZED.value:
             transition(
                 uow.session, payment, S.SETTLING, settle_attempts=payment.settle_attempts + 1
@@ -356,7 +367,7 @@ def _pay_url(
     if 200 <= fetched.status < 300:
         tx = settlement.get("transaction") if settlement else None
         if tx or _authorization_used(rt, ctx, payment):
-            return _finish_settled(rt, payment, tx or None, result, on_final), fetched
+            return _finish_paid(rt, ctx, payment, tx or None, result, on_final), fetched
         # Accepted but not settled yet (the payee holds it, e.g. manual capture): stay in
         # settling with the response recorded; the reconciler settles or fails it from the chain.
         with UnitOfWork(rt.engine) as uow:
@@ -366,14 +377,14 @@ def _pay_url(
             uow.commit()
             return current, fetched
     if _authorization_used(rt, ctx, payment):
-        return _finish_settled(rt, payment, None, result, on_final), fetched
+        return _finish_paid(rt, ctx, payment, None, result, on_final), fetched
     reason = (settlement or {}).get("errorReason") or proto.error_from_body(fetched)
     submitted = str((settlement or {}).get("transaction") or "") or None
     if reason == SETTLEMENT_PENDING or submitted:
         # The server's facilitator submitted a transfer: unknown until the chain says.
         verdict = outcome(rt, ctx, payment, submitted, pending=True)
         if verdict.settled:
-            return _finish_settled(rt, payment, verdict.tx_hash, result, on_final), fetched
+            return _finish_paid(rt, ctx, payment, verdict.tx_hash, result, on_final), fetched
         if verdict.unknown:
             raise _pending(rt, payment, verdict.tx_hash, str(reason))
     if fetched.status >= 500:
@@ -400,11 +411,11 @@ def _settle_direct(
     answer = facilitator.settle(payment.signed_payload, payment.requirement)
     tx_hash = str(answer.get("transaction") or "") or None
     if answer.get("success"):
-        return _finish_settled(rt, payment, tx_hash, None, on_final)
+        return _finish_paid(rt, ctx, payment, tx_hash, None, on_final)
     reason = str(answer.get("errorReason") or "facilitator refused to settle")
     verdict = outcome(rt, ctx, payment, tx_hash, pending=reason == SETTLEMENT_PENDING)
     if verdict.settled:
-        return _finish_settled(rt, payment, verdict.tx_hash, None, on_final)
+        return _finish_paid(rt, ctx, payment, verdict.tx_hash, None, on_final)
     if verdict.unknown:
         raise _pending(rt, payment, verdict.tx_hash, reason)
     # Definite: nothing was ever submitted (the facilitator refused before sending), or the
@@ -420,16 +431,28 @@ def _settle_direct(
     )
 
 
-def _pending(rt: Runtime, payment: Payment, tx_hash: str | None, reason: str) -> SettlementPending:
-    """Record the submitted transaction on the payment (still ``settling``) and say so."""
+def _pending(
+    rt: Runtime,
+    payment: Payment,
+    tx_hash: str | None,
+    reason: str,
+    response: dict[str, Any] | None = None,
+) -> SettlementPending:
+    """Record the submitted transaction (and the server's answer, when it delivered already) on
+    the payment, still ``settling``, and say so."""
+    changes: dict[str, Any] = {}
     if tx_hash and tx_hash != payment.tx_hash:
+        changes["tx_hash"] = tx_hash
+    if response is not None:
+        changes["response"] = response
+    if changes:
         with UnitOfWork(rt.engine) as uow:
             current = uow.session.get(Payment, payment.id)
             if current is not None and current.state == S.SETTLING.value:
                 try:
-                    update_fields(uow.session, current, tx_hash=tx_hash)
+                    update_fields(uow.session, current, **changes)
                     uow.commit()
-                    payment.tx_hash = tx_hash
+                    payment.tx_hash = current.tx_hash
                 except ConcurrentUpdate:
                     uow.rollback()
     log.info("settlement pending", extra={"payment_id": payment.id, "tx_hash": tx_hash})
@@ -482,6 +505,53 @@ def _finish(
 
 def _keep(session: Session, payment_id: str) -> bool:
     return False
+
+
+def _finish_paid(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    tx_hash: str | None,
+    response: dict[str, Any] | None = None,
+    on_final: OnFinal | None = None,
+) -> Payment:
+    """The money left the payer (nonce used, or the settlement's transaction succeeded)."""
+    if escrow_sync.is_escrow(payment):
+        return _finish_escrow(rt, ctx, payment, tx_hash, response, on_final)
+    return _finish_settled(rt, payment, tx_hash, response, on_final)
+
+
+def _finish_escrow(
+    rt: Runtime,
+    ctx: ConnectionContext,
+    payment: Payment,
+    tx_hash: str | None,
+    response: dict[str, Any] | None,
+    on_final: OnFinal | None,
+) -> Payment:
+    """An escrow collection was funded: apply its escrow events, so the payment ends
+    ``authorized`` (held) or ``captured`` (charged) with its reservation following the escrow.
+
+    The token saying "nonce used" is not enough to know which: until the escrow's events can be
+    read the outcome stays unknown (``settling``, retried; the reconciler reads them too)."""
+    if payment.state != S.SETTLING.value:
+        return payment
+    try:
+        events = escrow_sync.collection_events(rt.chain(ctx.rpc_url), payment, tx_hash)
+    except ExternalServiceError:
+        log.warning("escrow events unreadable", extra={"payment_id": payment.id})
+        events = []
+    if not events:
+        raise _pending(rt, payment, tx_hash, "escrow collection not visible yet", response)
+
+    def then(session: Session, current: Payment) -> None:
+        if response is not None:
+            update_fields(session, current, response=response)
+        if on_final is not None:
+            on_final(session, current)
+
+    applied = escrow_sync.apply(rt, payment, events, then=then)
+    return applied.payment
 
 
 def _finish_settled(

@@ -1,5 +1,6 @@
 """Our ``send`` pays an ``authCapture`` 402 end to end: the funds end in the on-chain escrow
-(not with the seller), the seller's server captures part through our facilitator, voids the rest.
+(not with the seller; the payment is ``authorized``), the seller's server captures part through
+our facilitator and voids the rest, and the buyer's reconcile picks both up (``captured``).
 
 The resource server here is a small test app (the connector's own paywall does not offer
 ``authCapture`` yet); it forwards the payer's payload to the stack's facilitator as
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from api.stack import Stack
 from connector.chain import ChainClient
 from connector.chain.auth_capture import EscrowClient
+from connector.payments import maintenance
 from connector.x402 import auth_capture as ac
 from tests.fixtures.escrow import requirement, wall_now
 from tests.fixtures.servers import LiveServer
@@ -67,8 +69,10 @@ def test_our_send_pays_into_escrow_and_the_seller_captures_part(stack: Stack) ->
     with LiveServer(escrow_shop(stack, req.to_v2(), seen)) as server:
         result = buyer.run("send", {"url": server.url + "/held"})
     payment = result["payment"]
-    assert payment["state"] == "settled" and payment["tx_hash"] == seen[0]["transaction"], result
+    # funded: the escrow holds the money (not "settled": it is not the seller's yet)
+    assert payment["state"] == "authorized" and payment["tx_hash"] == seen[0]["transaction"], result
     assert payment["scheme"] == "authCapture"
+    assert payment["escrow"]["collected"] and payment["escrow"]["held"] == "40000", payment
     assert seen[0]["operation"] == "authorize"
     # the money left the buyer but sits in the escrow, not with the seller
     assert chain.token_balance(stack.chain.token, buyer.account.address) == buyer_before - 40_000
@@ -94,6 +98,13 @@ def test_our_send_pays_into_escrow_and_the_seller_captures_part(stack: Stack) ->
     assert chain.token_balance(stack.chain.token, seller.address) == seller_before + 25_000
     assert chain.token_balance(stack.chain.token, buyer.account.address) == (buyer_before - 25_000)
     assert escrow.state(info) == ac.EscrowState(True, 0, 25_000)
+    # the seller's capture and void were done outside the buyer's connector: reconcile reads them
+    maintenance.reconcile(stack.runtime)
+    seen_by_buyer = buyer.http.get(f"/v1/admin/payments/{payment['id']}").json()
+    assert seen_by_buyer["state"] == "captured", seen_by_buyer
+    assert seen_by_buyer["captured_amount"] == "25000"
+    ledger = seen_by_buyer["escrow"]
+    assert (ledger["held"], ledger["captured"], ledger["voided"]) == ("0", "25000", "15000")
     chain.close()
 
 
