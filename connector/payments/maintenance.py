@@ -9,6 +9,10 @@
   the payment is driven again with the same authorization.
 * Budget reservations of failed payments are released once their authorization has expired
   unused — before that the money could still move, so the budget keeps it (fail closed).
+* On-chain escrow (``authCapture``) payments are reconciled from the escrow contract: their
+  events (read with ``paymentState`` at one block) are applied to the payment, so a capture,
+  void, refund or reclaim done outside the connector is picked up; a disagreement between the
+  events, our ledger and ``paymentState`` is logged and counted.
 """
 
 from __future__ import annotations
@@ -19,9 +23,15 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlmodel import Session, col
 
-from connector.errors import ConcurrentUpdate, ExternalServiceError, IllegalTransition
+from connector.errors import (
+    ConcurrentUpdate,
+    ExternalServiceError,
+    IllegalTransition,
+    ValidationFailed,
+)
 from connector.events.outbox import record_event
 from connector.logs import get_logger
+from connector.payments import escrow_ledger, escrow_onchain, escrow_sync
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import authorization_used, can_never_move
 from connector.payments.receive import give_back_slot
@@ -31,6 +41,7 @@ from connector.policy import budgets
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment, Refund, Reservation
+from connector.x402.auth_capture import SCHEME_ALIASES
 
 log = get_logger(__name__)
 S = PaymentState
@@ -42,6 +53,10 @@ RECONCILE_BATCH = 500
 #: How long after its deadline a failed payment's authorization is still checked on-chain.
 LATE_WINDOW = timedelta(hours=1)
 APPROVAL_TTL = timedelta(hours=24)
+#: Escrow payments the reconciler keeps reading: a collection in flight, or money the escrow may
+#: still move (held: capture, void, reclaim; captured: refund).
+ESCROW_WATCHED = (S.SETTLING, S.AUTHORIZED, S.CAPTURED, S.PARTIALLY_REFUNDED)
+_ESCROW = sorted(SCHEME_ALIASES)
 
 
 def expire_holds(rt: Runtime, now: datetime | None = None) -> int:
@@ -88,6 +103,11 @@ def expire_holds(rt: Runtime, now: datetime | None = None) -> int:
                 if current is None or current.state != payment.state:
                     continue
                 deadline = current.hold_expires_at
+                funded = escrow_ledger.collected(current)
+                if funded and not (deadline and deadline > now and not current.hold_warning_sent):
+                    # Held by the escrow contract: the hold ends on-chain (capture deadline, then
+                    # the payer's reclaim), and reconciliation reads how. Only the warning is ours.
+                    continue
                 if current.state == S.AUTHORIZED.value and deadline and deadline > now:
                     if not current.hold_warning_sent:
                         update_fields(uow.session, current, hold_warning_sent=True)
@@ -128,6 +148,7 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
     """
     now = now or datetime.now(UTC)
     resolved = _reconcile_settling(rt, now)
+    resolved += _reconcile_escrow(rt, now)
     resolved += _reconcile_refunds(rt, now)
     resolved += _reconcile_failed(rt, now)
     return resolved
@@ -149,6 +170,7 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
         select(Payment).where(
             col(Payment.state) == S.SETTLING.value,
             col(Payment.updated_at) <= now - SETTLING_GRACE,
+            col(Payment.scheme).not_in(_ESCROW),  # decided from the escrow: _reconcile_escrow
         ),
     )
     for payment in stuck:
@@ -187,6 +209,132 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
         except (ConcurrentUpdate, IllegalTransition):
             continue
     return resolved
+
+
+def _escrow_batch(rt: Runtime, now: datetime) -> list[Payment]:
+    """One bounded batch of escrow payments to read, resuming after the last one read by this
+    process (a cursor on the id), so a long list of open escrows is read round-robin rather than
+    its oldest rows over and over."""
+    cursor: dict[str, str] = rt._cached(("escrow_reconcile_cursor",), dict)
+    after = cursor.get("after", "")
+    statement = (
+        select(Payment)
+        .where(
+            col(Payment.scheme).in_(_ESCROW),
+            col(Payment.state).in_([s.value for s in ESCROW_WATCHED]),
+            # a collection just handed over is its job's to finish first
+            (col(Payment.state) != S.SETTLING.value)
+            | (col(Payment.updated_at) <= now - SETTLING_GRACE),
+            col(Payment.id) > after,
+        )
+        .order_by(col(Payment.id))
+    )
+    rows: list[Payment] = _batch(rt, statement)
+    cursor["after"] = rows[-1].id if len(rows) == RECONCILE_BATCH else ""
+    return rows
+
+
+def _escrow_settled_for_good(payment: Payment, now: datetime) -> bool:
+    """Nothing can move any more: nothing held, and nothing refundable or past the refund
+    deadline (with a margin for the chain's clock). Such a payment is not read again."""
+    totals = escrow_ledger.totals_of(payment)
+    if not totals.collected or totals.held > 0:
+        return False
+    if totals.refundable == 0:
+        return True
+    try:
+        info, _ = escrow_onchain.terms_of(payment)
+    except ValidationFailed:
+        return False
+    return now.timestamp() > info.refund_expiry + LATE_WINDOW.total_seconds()
+
+
+def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
+    """Read each watched escrow payment's events and ``paymentState`` at one block and apply
+    what is new (:func:`connector.payments.escrow_sync.read`): both directions, whoever did the
+    operation. A collection in flight that the escrow does not show is decided like an ``exact``
+    settlement: unused nonce past its deadline → ``failed`` (reservation released, paywall slot
+    given back); otherwise it is driven again with the same authorization. Returns how many
+    payments changed."""
+    from connector.payments.context_loader import load_connection
+
+    changed = 0
+    for payment in _escrow_batch(rt, now):
+        if payment.state == S.AUTHORIZED.value and not escrow_ledger.collected(payment):
+            continue  # signed, not handed to anyone yet: its own job sends it (or it expires)
+        if _escrow_settled_for_good(payment, now):
+            continue
+        used = dead = False
+        try:
+            ctx = load_connection(rt, payment.connection_id)
+            chain = rt.chain(ctx.rpc_url)
+            snapshot = escrow_sync.read(chain, payment)
+            if not snapshot.events and payment.state == S.SETTLING.value:
+                used = authorization_used(rt, ctx.rpc_url, payment)
+                dead = not used and can_never_move(rt, ctx.rpc_url, payment.valid_before, now)
+        except ExternalServiceError:
+            log.warning("reconcile: escrow unreadable", extra={"payment_id": payment.id})
+            continue
+        except ValidationFailed:
+            log.warning("reconcile: escrow payment without terms", extra={"payment_id": payment.id})
+            continue
+        if snapshot.events:
+            try:
+                applied = escrow_sync.apply(
+                    rt, payment, snapshot.events, now=now, then=_report_escrow_to_jobs
+                )
+            except (ConcurrentUpdate, IllegalTransition):
+                continue
+            if not escrow_sync.ledger_matches(applied.payment, snapshot.state):
+                escrow_sync.mismatch(
+                    applied.payment,
+                    "ledger",
+                    escrow_ledger.totals_of(applied.payment),
+                    snapshot.state,
+                    snapshot.block,
+                )
+            changed += int(applied.changed)
+            continue
+        if payment.state != S.SETTLING.value:
+            continue
+        if used:
+            # The token spent the nonce but the escrow shows no collection at this block: a
+            # node behind another, or logs not indexed yet. Unknown: read again next pass.
+            log.warning(
+                "reconcile: escrow nonce used without escrow events",
+                extra={"payment_id": payment.id},
+            )
+            continue
+        try:
+            with UnitOfWork(rt.engine) as uow:
+                current = uow.session.get(Payment, payment.id)
+                if current is None or current.state != S.SETTLING.value:
+                    continue
+                if not dead:
+                    rt.dispatch("x402c.drive_payment", (current.id,))
+                    continue
+                transition(
+                    uow.session,
+                    current,
+                    S.FAILED,
+                    now=now,
+                    failure_code="authorization_expired",
+                    failure_reason="escrow collection's authorization expired unused",
+                )
+                budgets.release(uow.session, current.id)
+                give_back_slot(uow.session, current)  # a paywall's claim, if incoming
+                uow.commit()
+                changed += 1
+        except (ConcurrentUpdate, IllegalTransition):
+            continue
+    return changed
+
+
+def _report_escrow_to_jobs(session: Session, payment: Payment) -> None:
+    """A funded escrow payment's finished ``send`` jobs that reported it failed (the collection
+    was given up, then the escrow showed it funded) now report what it is."""
+    if payment.direction == "outgoing" and escrow_ledger.collected(payment):
+        _report_to_jobs(session, payment)
 
 
 def _reconcile_refunds(rt: Runtime, now: datetime) -> int:
@@ -248,6 +396,9 @@ def _reconcile_failed(rt: Runtime, now: datetime) -> int:
             continue
         if not (used or dead):
             continue
+        if used and payment.state == S.FAILED.value and escrow_sync.is_escrow(payment):
+            resolved += _escrow_funded_late(rt, payment, now)
+            continue
         try:
             with UnitOfWork(rt.engine) as uow:
                 current = uow.session.get(Payment, payment.id)
@@ -287,6 +438,42 @@ def _reconcile_failed(rt: Runtime, now: datetime) -> int:
         except (ConcurrentUpdate, IllegalTransition):
             continue
     return resolved
+
+
+def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
+    """A failed escrow collection whose nonce is used: the escrow funded it after all. Its
+    events correct it (``failed → authorized``/``captured``, then whatever followed), with a
+    ``payment.settled_late`` event, its reservation counted again by the ledger, and the jobs
+    that reported it failed rewritten. Without readable events: next pass."""
+    from connector.payments.context_loader import load_connection
+
+    try:
+        ctx = load_connection(rt, payment.connection_id)
+        snapshot = escrow_sync.read(rt.chain(ctx.rpc_url), payment)
+    except (ExternalServiceError, ValidationFailed):
+        return 0
+    if not snapshot.events:
+        return 0
+    failed_because = payment.failure_reason
+
+    def then(session: Session, current: Payment) -> None:
+        update_fields(session, current, failure_code=None, failure_reason=None)
+        record_event(
+            session,
+            "payment.settled_late",
+            current.connection_id,
+            {"payment": payment_snapshot(current), "previous_failure": failed_because},
+            payment_id=current.id,
+        )
+        _report_to_jobs(session, current)
+
+    try:
+        applied = escrow_sync.apply(rt, payment, snapshot.events, now=now, then=then)
+    except (ConcurrentUpdate, IllegalTransition):
+        return 0
+    if applied.changed:
+        log.warning("escrow payment funded late", extra={"payment_id": payment.id})
+    return int(applied.changed)
 
 
 def _report_to_jobs(session: Session, payment: Payment) -> None:
