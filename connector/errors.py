@@ -49,6 +49,15 @@ class Conflict(ConnectorError):
     title = "Conflict"
 
 
+class EscrowRefused(Conflict):
+    """The escrow contract refuses the operation now (its simulation reverted): ``reason`` is
+    the escrow's stable reason, e.g. ``before_authorization_expiry`` or ``zero_authorization``.
+    Nothing was sent."""
+
+    code = "escrow_refused"
+    title = "Refused by the escrow contract"
+
+
 class IllegalTransition(Conflict):
     """A payment was asked to move along an edge the state machine does not have."""
 

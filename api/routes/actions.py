@@ -69,7 +69,7 @@ _STATUS_TEXT = (
     "payment's webhook."
 )
 _KEY_TEXT = (
-    "Actions that move money (`send`, `refund`, `release`) need an idempotency key: the "
+    "Actions that move money (`send`, `refund`, `release`, `reclaim`) need an idempotency key: the "
     "`Idempotency-Key` header, or the action node's natural key, the `X-Workflow-Run-Id` and "
     "`X-Workflow-Node-Id` headers (plus `X-Workflow-Item` when the node runs once per list "
     "item). Without one the call is refused with `428 idempotency_key_required`. The same key "

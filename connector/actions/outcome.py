@@ -191,6 +191,17 @@ def _http_outcome(result: dict[str, Any]) -> Outcome:
     return Outcome(FAILED, result, error)
 
 
+def _reclaim_outcome(payment: dict[str, Any]) -> Outcome:
+    """``reclaim`` succeeded when the escrow holds nothing more for the payment and the payer
+    took some of it back (``escrow.reclaimed`` > 0): ``reclaimed``, or ``captured`` /
+    ``partially_refunded`` when the seller had captured part before. Anything else is pending:
+    the reclaim's transaction has not been seen yet."""
+    escrow = payment.get("escrow") or {}
+    if escrow and int(escrow.get("held", 0)) == 0 and int(escrow.get("reclaimed", 0)) > 0:
+        return Outcome(SUCCEEDED, None)
+    return Outcome(PENDING, None)
+
+
 def outcome_of(action: str, result: dict[str, Any]) -> Outcome:
     """The job outcome of an action's output (as dumped to JSON)."""
     if action == "send":
@@ -216,6 +227,8 @@ def outcome_of(action: str, result: dict[str, Any]) -> Outcome:
         if payment["state"] == P.SETTLED and payment.get("custodial"):
             # custodial escrow: captured into the escrow wallet, not yet forwarded
             found = Outcome(PENDING, None)
+    elif action == "reclaim":
+        found = _reclaim_outcome(result["payment"])
     elif action == "refund":
         refund = result["refund"]
         if refund["state"] == "succeeded":

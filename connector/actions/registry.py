@@ -83,6 +83,17 @@ ACTIONS: tuple[ActionSpec, ...] = (
         False,  # a void never moves money anywhere but back to the payer, and only once
     ),
     ActionSpec(
+        "reclaim",
+        "Reclaim an escrowed payment",
+        "Payer side of on-chain escrow (authCapture): after the capture deadline, take back "
+        "with the connection's own wallet key whatever the escrow still holds for an outgoing "
+        "payment. No seller, operator or facilitator involved; the wallet pays the gas. The "
+        "reclaimed amount goes back to the budget.",
+        s.PaymentRef,
+        s.PaymentOutput,
+        True,
+    ),
+    ActionSpec(
         "balance",
         "Balance and history",
         "Token balance of the connection's wallet on-chain, with recent payments from our records.",

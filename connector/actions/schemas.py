@@ -142,6 +142,20 @@ class HttpResult(_Model):
     truncated: bool = False
 
 
+class EscrowView(BaseModel):
+    """On-chain escrow (``authCapture``): where this payment's money is, from the escrow's
+    events as last read (the ledger). ``held + captured + voided + reclaimed`` is what the escrow
+    collected; ``refundable = captured - refunded``."""
+
+    collected: bool = Field(description="The escrow collected the funds (authorize or charge).")
+    held: Amount = Field(description="Still held by the escrow (capturable).")
+    captured: Amount = Field(description="Went to the receiver, fees included.")
+    voided: Amount = Field(description="Returned to the payer by the operator's void.")
+    reclaimed: Amount = Field(description="Taken back by the payer after the capture deadline.")
+    refunded: Amount = Field(description="Returned to the payer by the operator's refunds.")
+    refundable: Amount = Field(description="Captured and not refunded yet.")
+
+
 class PaymentView(BaseModel):
     """Public snapshot of a payment (no signed payload, no secrets)."""
 
@@ -154,6 +168,13 @@ class PaymentView(BaseModel):
     state: str
     amount: Amount
     refunded_amount: Amount
+    scheme: str = Field(default="exact", description="`exact` or `authCapture` (escrow).")
+    captured_amount: Amount = Field(
+        default="0", description="On-chain escrow: what reached the receiver so far."
+    )
+    escrow: EscrowView | None = Field(
+        default=None, description="On-chain escrow amounts; null for any other payment."
+    )
     asset: str
     network: str
     payer: str | None

@@ -25,7 +25,7 @@ from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceEr
 from connector.jobs import ClaimedJob, claim_job, set_job_status
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
-from connector.payments import escrow, escrow_ledger, receive, refunds, send
+from connector.payments import escrow, escrow_ledger, escrow_sync, receive, refunds, send
 from connector.payments.context import ConnectionContext
 from connector.payments.context_loader import load_connection
 from connector.payments.states import PaymentState
@@ -240,6 +240,14 @@ def _void(
     return s.PaymentOutput(payment=_payment_view(escrow.void(rt, ctx, inp.payment_id, key=job.id)))
 
 
+def _reclaim(
+    rt: Runtime, ctx: ConnectionContext, inp: s.PaymentRef, job: ClaimedJob
+) -> s.PaymentOutput:
+    return s.PaymentOutput(
+        payment=_payment_view(escrow_sync.reclaim_payment(rt, ctx, inp.payment_id))
+    )
+
+
 def _balance(
     rt: Runtime, ctx: ConnectionContext, inp: s.BalanceInput, job: ClaimedJob
 ) -> s.BalanceOutput:
@@ -270,6 +278,7 @@ HANDLERS: dict[str, Handler] = {
     "refund": _refund,
     "release": _release,
     "void": _void,
+    "reclaim": _reclaim,
     "balance": _balance,
 }
 

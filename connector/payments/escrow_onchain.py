@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from eth_account.signers.local import LocalAccount
 
 from connector.chain.auth_capture import EscrowClient
-from connector.chain.client import ChainClient, TransactionReverted
-from connector.errors import Conflict, ValidationFailed
+from connector.chain.client import ChainClient, Receipt, RpcError, TransactionReverted
+from connector.errors import EscrowRefused, SettlementPending, ValidationFailed
 from connector.storage.models.payments import Payment
 from connector.x402 import auth_capture as ac
 
@@ -32,6 +32,8 @@ def terms_of(payment: Payment) -> tuple[ac.PaymentInfo, ac.Deployment]:
     wire = payment.signed_payload or {}
     inner = wire.get("payload") if isinstance(wire, dict) else None
     accepted = wire.get("accepted") if isinstance(wire, dict) else None
+    if not isinstance(accepted, dict):
+        accepted = payment.requirement  # the requirement the payment was made against
     if not isinstance(inner, dict) or "paymentInfo" not in inner or not isinstance(accepted, dict):
         raise ValidationFailed(
             f"payment {payment.id} is not an authCapture payment with stored terms",
@@ -52,10 +54,22 @@ def escrow_view(chain: ChainClient, payment: Payment) -> EscrowView:
 
 
 def reclaim(chain: ChainClient, payer: LocalAccount, payment: Payment) -> str:
+    """Take back what the escrow still holds for ``payment``; the reclaim transaction's hash.
+    See :func:`reclaim_receipt`."""
+    return reclaim_receipt(chain, payer, payment).tx_hash
+
+
+def reclaim_receipt(
+    chain: ChainClient, payer: LocalAccount, payment: Payment, *, timeout_s: float = 60.0
+) -> Receipt:
     """Take back what the escrow still holds for ``payment`` (the payer's own transaction).
 
     Simulated first: before the capture deadline, or with nothing held, it raises
-    :class:`~connector.errors.Conflict` naming the escrow's reason and sends nothing."""
+    :class:`~connector.errors.EscrowRefused` (a 409 ``Conflict``) naming the escrow's reason and
+    sends nothing. A transaction without a receipt within ``timeout_s`` is an unknown outcome:
+    :class:`~connector.errors.SettlementPending` carrying its hash (the escrow's events tell
+    later whether it landed; a second reclaim of an emptied escrow is refused, so nothing can be
+    taken back twice)."""
     info, deployment = terms_of(payment)
     if payer.address != info.payer:
         raise ValidationFailed("only the payer who signed can reclaim", field="payment_id")
@@ -63,12 +77,21 @@ def reclaim(chain: ChainClient, payer: LocalAccount, payment: Payment) -> str:
     data = ac.reclaim_data(info)
     simulation = escrow.simulate(payer.address, data)
     if not simulation.ok:
-        raise Conflict(
+        raise EscrowRefused(
             f"escrow refuses reclaim: {simulation.reason}",
             reason=simulation.reason,
             payment_id=payment.id,
         )
-    receipt = escrow.execute(payer, data)
+    tx_hash = escrow.submit(payer, data)
+    try:
+        receipt = chain.wait_for_receipt(tx_hash, timeout_s=timeout_s)
+    except RpcError:
+        chain.forget_nonces()
+        raise SettlementPending(
+            f"reclaim of payment {payment.id} submitted ({tx_hash}); no receipt yet",
+            payment_id=payment.id,
+            tx_hash=tx_hash,
+        ) from None
     if receipt.status != 1:
         raise TransactionReverted("reclaim reverted", tx_hash=receipt.tx_hash)
-    return receipt.tx_hash
+    return receipt

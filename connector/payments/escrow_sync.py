@@ -6,6 +6,7 @@ one function that moves such a payment from chain evidence):
 
 * ``send`` once its collection is funded: the events of the settlement transaction (its
   receipt), so the payment ends ``authorized`` (held) or ``captured`` (charged);
+* the payer's ``reclaim``: the events of the reclaim transaction;
 * reconciliation: the payment's whole event history, read at one block together with
   ``paymentState`` so the two can be compared (:func:`read`).
 
@@ -19,13 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from eth_account import Account
+
 from connector.chain.auth_capture import EscrowClient, EscrowSnapshot
 from connector.chain.client import ChainClient
-from connector.errors import ConcurrentUpdate
+from connector.errors import ConcurrentUpdate, NotFound, ValidationFailed
 from connector.logs import get_logger
 from connector.metrics import ESCROW_MISMATCHES
 from connector.payments import escrow_ledger as ledger
-from connector.payments.escrow_onchain import terms_of
+from connector.payments.context import ConnectionContext
+from connector.payments.escrow_onchain import reclaim_receipt, terms_of
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment
@@ -146,3 +150,42 @@ def apply(
         payment_id=payment.id,
     )
 
+
+def sync(rt: Runtime, chain: ChainClient, payment: Payment) -> Applied:
+    """Read the payment's escrow (state and events at one block) and apply what is new."""
+    snapshot = read(chain, payment)
+    applied = apply(rt, payment, snapshot.events)
+    if not ledger_matches(applied.payment, snapshot.state):
+        mismatch(
+            applied.payment, "ledger", ledger.totals_of(applied.payment), snapshot.state,
+            snapshot.block,
+        )  # fmt: skip
+    return applied
+
+
+def reclaim_payment(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Payment:
+    """The ``reclaim`` action: the payer takes back, with the connection's own wallet key, what
+    the escrow still holds for an outgoing ``authCapture`` payment after its capture deadline.
+
+    Repeatable: the escrow is read first, so a reclaim that already happened (this action's
+    earlier attempt, or the payer's wallet outside the connector) is recorded and answered
+    without sending anything. The reclaim's event is applied in the transaction that records it,
+    giving the reclaimed amount back to the budget there."""
+    with UnitOfWork(rt.engine) as uow:
+        payment = uow.session.get(Payment, payment_id)
+    if payment is None or payment.connection_id != ctx.id:
+        raise NotFound(f"payment {payment_id} not found on connection {ctx.id}")
+    if payment.direction != "outgoing" or not is_escrow(payment):
+        raise ValidationFailed(
+            f"payment {payment_id} is not an outgoing authCapture payment: nothing to reclaim",
+            field="payment_id",
+        )
+    key = ctx.account_for(payment.payer or "", "a reclaim")
+    chain = rt.chain(ctx.rpc_url)
+    payment = sync(rt, chain, payment).payment
+    totals = ledger.totals_of(payment)
+    if totals.collected and totals.held == 0 and totals.reclaimed > 0:
+        return payment  # already reclaimed: the same answer as the first time
+    receipt = reclaim_receipt(chain, Account.from_key(key.key), payment)
+    escrow, info = client_for(chain, payment)
+    return apply(rt, payment, escrow.events_in(receipt, info)).payment
