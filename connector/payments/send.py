@@ -176,7 +176,12 @@ def prepare_send(
             via=via,
         )  # fmt: skip
         counted = bool(steps) and steps[-1].target is S.AUTHORIZED
-        if counted:
+        if counted and escrow_sync.is_escrow(payment):
+            # An escrow collection goes to the seller at once (``created -> settling``): for
+            # it ``authorized`` means "held by the escrow contract", which only the chain says.
+            signed = steps.pop()
+            steps.append(Step(S.SETTLING, {**signed.changes, "settle_attempts": 1}))
+        elif counted:
             # Signed: hand it to settlement in the same commit. The authorization is stored
             # before anything uses it, and a crash from here on leaves a visible ``settling``
             # payment that the task retry or the reconciler finishes with the same signature.
