@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     default_rpc_url: str | None = None
     default_facilitator_url: str | None = None
     receipt_poll_interval_s: float = 0.005
+    # How long an action waits for the receipt of a transaction it sent itself (the payer's
+    # escrow reclaim) before reporting the outcome unknown (retried; reconcile reads the chain).
+    receipt_timeout_s: float = Field(default=30.0, gt=0)
     rpc_timeout_s: float = 10.0
     facilitator_timeout_s: float = 15.0
     external_max_retries: int = 3

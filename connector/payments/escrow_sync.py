@@ -186,6 +186,8 @@ def reclaim_payment(rt: Runtime, ctx: ConnectionContext, payment_id: str) -> Pay
     totals = ledger.totals_of(payment)
     if totals.collected and totals.held == 0 and totals.reclaimed > 0:
         return payment  # already reclaimed: the same answer as the first time
-    receipt = reclaim_receipt(chain, Account.from_key(key.key), payment)
+    receipt = reclaim_receipt(
+        chain, Account.from_key(key.key), payment, timeout_s=rt.settings.receipt_timeout_s
+    )
     escrow, info = client_for(chain, payment)
     return apply(rt, payment, escrow.events_in(receipt, info)).payment
