@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connector.payments.escrow_ledger import EscrowTotals, _path, headline
+from connector.payments.escrow_ledger import EscrowTotals, _path, budget_kept, headline
 from connector.payments.states import PaymentState as S
 from connector.payments.states import can_transition
 from connector.x402.auth_capture import EscrowEvent
@@ -79,3 +79,21 @@ def test_every_chain_outcome_is_reachable_by_legal_edges(start: S, target: S) ->
     assert path[-1] == target
     for a, b in zip([start, *path], path, strict=False):
         assert can_transition(a, b), (a, b)
+
+
+@pytest.mark.parametrize(
+    ("events", "kept"),
+    [
+        ((ev("PaymentAuthorized", 100),), 100),  # held: may still be captured
+        ((ev("PaymentCharged", 100),), 100),
+        ((ev("PaymentAuthorized", 100), ev("PaymentCaptured", 30)), 100),
+        ((ev("PaymentAuthorized", 100), ev("PaymentCaptured", 30), ev("PaymentVoided", 70)), 30),
+        ((ev("PaymentAuthorized", 100), ev("PaymentReclaimed", 100)), 0),
+        # a refund is the seller's money coming back, as for exact: the budget keeps it spent
+        ((ev("PaymentCharged", 100), ev("PaymentRefunded", 40)), 100),
+    ],
+)
+def test_what_an_escrow_payment_costs_the_budget(
+    events: tuple[EscrowEvent, ...], kept: int
+) -> None:
+    assert budget_kept(replay(*events)) == kept

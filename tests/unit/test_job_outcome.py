@@ -171,3 +171,45 @@ def test_raised_errors_become_typed_problems(
     body = outcome.problem_from_error(error)
     assert (body["code"], body["retryable"], body.get("rule")) == (code, retryable, rule)
     assert body["type"] == outcome.PROBLEM_BASE + code
+
+
+def _escrow_send(state: str, collected: bool, **ledger: str) -> dict[str, Any]:
+    escrow = (
+        {"collected": collected, "held": "0", "reclaimed": "0", **ledger} if collected else None
+    )
+    return send(state, direction="outgoing", scheme="authCapture", escrow=escrow)
+
+
+@pytest.mark.parametrize("state", ["authorized", "captured", "voided", "reclaimed", "refunded"])
+def test_an_escrow_send_the_escrow_collected_succeeded_whatever_came_next(state: str) -> None:
+    # the send paid into escrow as asked; the seller's void or the payer's reclaim later does
+    # not turn it into a failure
+    found = outcome_of("send", _escrow_send(state, collected=True))
+    assert (found.status, found.error) == ("succeeded", None)
+
+
+def test_an_escrow_send_only_signed_is_pending() -> None:
+    # ``authorized`` before the escrow collected anything (e.g. just approved): not paid yet
+    assert outcome_of("send", _escrow_send("authorized", collected=False)).status == "pending"
+    assert outcome_of("send", _escrow_send("settling", collected=False)).status == "pending"
+    failed = outcome_of("send", _escrow_send("failed", collected=False))
+    assert failed.status == "failed"
+
+
+def test_reclaim_succeeds_when_nothing_is_held_and_something_came_back() -> None:
+    done = {"payment": payment("captured", escrow={"held": "0", "reclaimed": "300"})}
+    assert outcome_of("reclaim", done).status == "succeeded"
+    still = {"payment": payment("authorized", escrow={"held": "300", "reclaimed": "0"})}
+    assert outcome_of("reclaim", still).status == "pending"
+    voided = {"payment": payment("voided", escrow={"held": "0", "reclaimed": "0"})}
+    assert outcome_of("reclaim", voided).status == "pending"
+
+
+def test_an_escrow_refusal_carries_its_reason() -> None:
+    from connector.errors import EscrowRefused
+
+    body = outcome.problem_from_error(
+        EscrowRefused("too early", reason="before_authorization_expiry", payment_id="pay_1")
+    )
+    assert body["code"] == "escrow_refused" and body["status"] == 409
+    assert body["reason"] == "before_authorization_expiry" and body["retryable"] is False
