@@ -39,7 +39,10 @@ EVENT_TYPES: dict[str, str] = {
     "payment.reclaimed": (
         "On-chain escrow: the payer took back what was still held after the capture deadline."
     ),
-    "payment.settled_late": "A failed payment turned out paid on-chain; it is settled now.",
+    "payment.settled_late": (
+        "A failed payment turned out paid on-chain; it is settled now (on-chain escrow: the "
+        "escrow shows it funded; it is authorized or captured now)."
+    ),
     "connection.test_succeeded": "A connection test passed every check.",
     "connection.test_failed": "A connection test failed at least one check.",
     "budget.threshold_reached": "Spending crossed the alert ratio of a budget window.",
