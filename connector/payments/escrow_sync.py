@@ -22,7 +22,7 @@ from typing import Any
 
 from eth_account import Account
 
-from connector.chain.auth_capture import EscrowClient, EscrowSnapshot
+from connector.chain.auth_capture import EscrowClient, EscrowSnapshot, snapshots
 from connector.chain.client import ChainClient
 from connector.errors import ConcurrentUpdate, NotFound, ValidationFailed
 from connector.logs import get_logger
@@ -73,12 +73,24 @@ def read(chain: ChainClient, payment: Payment) -> EscrowSnapshot:
     """``paymentState`` and the events of ``payment`` at one block; a replay of the events that
     disagrees with ``paymentState`` is logged and counted (``kind="events"``): an event we
     cannot see or decode, which only an operator can explain."""
-    escrow, info = client_for(chain, payment)
-    snapshot = escrow.snapshot(info, from_block=ledger.from_block(payment))
-    replayed = ac.state_from_events(snapshot.events)
-    if replayed != snapshot.state:
-        mismatch(payment, "events", replayed, snapshot.state, snapshot.block)
-    return snapshot
+    return read_many(chain, [payment])[payment.id]
+
+
+def read_many(chain: ChainClient, payments: Sequence[Payment]) -> dict[str, EscrowSnapshot]:
+    """:func:`read` for many payments on one chain, all at the same block, in a few JSON-RPC
+    batches. Raises :class:`~connector.errors.ValidationFailed` for a payment without stored
+    terms (callers filter those first) and ExternalServiceError when the chain cannot be read."""
+    requests = []
+    for payment in payments:
+        escrow, info = client_for(chain, payment)
+        requests.append((escrow, info, ledger.from_block(payment)))
+    found: dict[str, EscrowSnapshot] = {}
+    for payment, snapshot in zip(payments, snapshots(chain, requests), strict=True):
+        replayed = ac.state_from_events(snapshot.events)
+        if replayed != snapshot.state:
+            mismatch(payment, "events", replayed, snapshot.state, snapshot.block)
+        found[payment.id] = snapshot
+    return found
 
 
 def ledger_matches(payment: Payment, state: ac.EscrowState) -> bool:

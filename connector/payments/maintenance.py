@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlmodel import Session, col
 
+from connector.chain.auth_capture import EscrowSnapshot
 from connector.errors import (
     ConcurrentUpdate,
     ExternalServiceError,
@@ -32,6 +33,7 @@ from connector.errors import (
 from connector.events.outbox import record_event
 from connector.logs import get_logger
 from connector.payments import escrow_ledger, escrow_onchain, escrow_sync
+from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import authorization_used, can_never_move
 from connector.payments.receive import give_back_slot
@@ -251,83 +253,98 @@ def _escrow_settled_for_good(payment: Payment, now: datetime) -> bool:
 
 def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
     """Read each watched escrow payment's events and ``paymentState`` at one block and apply
-    what is new (:func:`connector.payments.escrow_sync.read`): both directions, whoever did the
-    operation. A collection in flight that the escrow does not show is decided like an ``exact``
-    settlement: unused nonce past its deadline → ``failed`` (reservation released, paywall slot
-    given back); otherwise it is driven again with the same authorization. Returns how many
-    payments changed."""
+    what is new (:func:`connector.payments.escrow_sync.read_many`: a few JSON-RPC batches per
+    chain, not two round trips per payment): both directions, whoever did the operation. A
+    collection in flight that the escrow does not show is decided like an ``exact`` settlement:
+    unused nonce past its deadline → ``failed`` (reservation released, paywall slot given
+    back); otherwise it is driven again with the same authorization. Returns how many payments
+    changed."""
     from connector.payments.context_loader import load_connection
 
-    changed = 0
+    contexts: dict[str, ConnectionContext] = {}  # one read per connection per pass
+    by_chain: dict[str, list[tuple[Payment, ConnectionContext]]] = {}
     for payment in _escrow_batch(rt, now):
         if payment.state == S.AUTHORIZED.value and not escrow_ledger.collected(payment):
             continue  # signed, not handed to anyone yet: its own job sends it (or it expires)
         if _escrow_settled_for_good(payment, now):
             continue
-        used = dead = False
         try:
-            ctx = load_connection(rt, payment.connection_id)
-            chain = rt.chain(ctx.rpc_url)
-            snapshot = escrow_sync.read(chain, payment)
-            if not snapshot.events and payment.state == S.SETTLING.value:
-                used = authorization_used(rt, ctx.rpc_url, payment)
-                dead = not used and can_never_move(rt, ctx.rpc_url, payment.valid_before, now)
-        except ExternalServiceError:
-            log.warning("reconcile: escrow unreadable", extra={"payment_id": payment.id})
-            continue
+            escrow_onchain.terms_of(payment)
+            ctx = contexts.get(payment.connection_id) or load_connection(rt, payment.connection_id)
         except ValidationFailed:
             log.warning("reconcile: escrow payment without terms", extra={"payment_id": payment.id})
             continue
-        if snapshot.events:
-            try:
-                applied = escrow_sync.apply(
-                    rt, payment, snapshot.events, now=now, then=_report_escrow_to_jobs
-                )
-            except (ConcurrentUpdate, IllegalTransition):
-                continue
-            if not escrow_sync.ledger_matches(applied.payment, snapshot.state):
-                escrow_sync.mismatch(
-                    applied.payment,
-                    "ledger",
-                    escrow_ledger.totals_of(applied.payment),
-                    snapshot.state,
-                    snapshot.block,
-                )
-            changed += int(applied.changed)
+        except ExternalServiceError:
             continue
-        if payment.state != S.SETTLING.value:
-            continue
-        if used:
-            # The token spent the nonce but the escrow shows no collection at this block: a
-            # node behind another, or logs not indexed yet. Unknown: read again next pass.
-            log.warning(
-                "reconcile: escrow nonce used without escrow events",
-                extra={"payment_id": payment.id},
-            )
-            continue
+        contexts[payment.connection_id] = ctx
+        by_chain.setdefault(ctx.rpc_url, []).append((payment, ctx))
+    changed = 0
+    for rpc_url, group in by_chain.items():
         try:
-            with UnitOfWork(rt.engine) as uow:
-                current = uow.session.get(Payment, payment.id)
-                if current is None or current.state != S.SETTLING.value:
-                    continue
-                if not dead:
-                    rt.dispatch("x402c.drive_payment", (current.id,))
-                    continue
-                transition(
-                    uow.session,
-                    current,
-                    S.FAILED,
-                    now=now,
-                    failure_code="authorization_expired",
-                    failure_reason="escrow collection's authorization expired unused",
-                )
-                budgets.release(uow.session, current.id)
-                give_back_slot(uow.session, current)  # a paywall's claim, if incoming
-                uow.commit()
-                changed += 1
-        except (ConcurrentUpdate, IllegalTransition):
+            read = escrow_sync.read_many(rt.chain(rpc_url), [payment for payment, _ in group])
+        except ExternalServiceError:
+            log.warning("reconcile: escrow unreadable", extra={"payments": len(group)})
             continue
+        for payment, ctx in group:
+            changed += _reconcile_one_escrow(rt, ctx, payment, read[payment.id], now)
     return changed
+
+
+def _reconcile_one_escrow(
+    rt: Runtime, ctx: ConnectionContext, payment: Payment, snapshot: EscrowSnapshot, now: datetime
+) -> int:
+    if snapshot.events:
+        try:
+            applied = escrow_sync.apply(
+                rt, payment, snapshot.events, now=now, then=_report_escrow_to_jobs
+            )
+        except (ConcurrentUpdate, IllegalTransition):
+            return 0
+        if not escrow_sync.ledger_matches(applied.payment, snapshot.state):
+            escrow_sync.mismatch(
+                applied.payment,
+                "ledger",
+                escrow_ledger.totals_of(applied.payment),
+                snapshot.state,
+                snapshot.block,
+            )
+        return int(applied.changed)
+    if payment.state != S.SETTLING.value:
+        return 0
+    try:
+        used = authorization_used(rt, ctx.rpc_url, payment)
+        dead = not used and can_never_move(rt, ctx.rpc_url, payment.valid_before, now)
+    except ExternalServiceError:
+        return 0
+    if used:
+        # The token spent the nonce but the escrow shows no collection at this block: a node
+        # behind another, or logs not indexed yet. Unknown: read again next pass.
+        log.warning(
+            "reconcile: escrow nonce used without escrow events", extra={"payment_id": payment.id}
+        )
+        return 0
+    try:
+        with UnitOfWork(rt.engine) as uow:
+            current = uow.session.get(Payment, payment.id)
+            if current is None or current.state != S.SETTLING.value:
+                return 0
+            if not dead:
+                rt.dispatch("x402c.drive_payment", (current.id,))
+                return 0
+            transition(
+                uow.session,
+                current,
+                S.FAILED,
+                now=now,
+                failure_code="authorization_expired",
+                failure_reason="escrow collection's authorization expired unused",
+            )
+            budgets.release(uow.session, current.id)
+            give_back_slot(uow.session, current)  # a paywall's claim, if incoming
+            uow.commit()
+            return 1
+    except (ConcurrentUpdate, IllegalTransition):
+        return 0
 
 
 def _report_escrow_to_jobs(session: Session, payment: Payment) -> None:
