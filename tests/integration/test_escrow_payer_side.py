@@ -15,7 +15,7 @@ from connector.payments import escrow_onchain
 from connector.payments import protocol as proto
 from connector.storage.models.payments import Payment
 from connector.x402 import auth_capture as ac
-from tests.fixtures.escrow import chain_now, requirement, travel
+from tests.fixtures.escrow import chain_now, requirement, travel, wall_now
 
 pytestmark = pytest.mark.chain
 
@@ -25,12 +25,16 @@ def test_view_and_reclaim_from_the_stored_payload(
 ) -> None:
     payer, operator, receiver = accounts[1], accounts[2], accounts[3]
     now = chain_now(chain_client)
+    # The payer signs preApprovalExpiry = wall clock + 300 s, which must not pass the capture
+    # deadline taken from the chain's clock; anvil's clock lags the wall clock by every reverted
+    # test before this one (decision 0007), so the window covers that lag.
+    capture_in = 600 + max(0, wall_now() - now)
     req = requirement(
         chain,
         operator=operator.address,
         pay_to=receiver.address,
         now=now,
-        capture_in=600,
+        capture_in=capture_in,
         deployment=ac.DEPLOYMENT_V1_0,
     )
     signed = proto.sign_payment(payer, req, 2, None)
@@ -62,7 +66,7 @@ def test_view_and_reclaim_from_the_stored_payload(
         escrow_onchain.reclaim(chain_client, receiver, payment)
     assert chain_client.token_balance(chain.token, payer.address) == before - req.amount
 
-    travel(chain_client, 601)
+    travel(chain_client, capture_in + 1)
     tx = escrow_onchain.reclaim(chain_client, payer, payment)
     assert tx.startswith("0x")
     assert chain_client.token_balance(chain.token, payer.address) == before - 300_000
