@@ -50,12 +50,13 @@ class Conflict(ConnectorError):
 
 
 class EscrowRefused(Conflict):
-    """The escrow contract refuses the operation now (its simulation reverted): ``reason`` is
-    the escrow's stable reason, e.g. ``before_authorization_expiry`` or ``zero_authorization``.
-    Nothing was sent."""
+    """An on-chain escrow operation the escrow refuses (nothing held, a deadline passed, more
+    than what is held or captured; for the payer's reclaim, the contract's simulation reverted
+    with ``reason``, e.g. ``before_authorization_expiry`` or ``zero_authorization``): refused
+    before anything is sent, so no money moves."""
 
     code = "escrow_refused"
-    title = "Refused by the escrow contract"
+    title = "The escrow operation is not possible"
 
 
 class IllegalTransition(Conflict):

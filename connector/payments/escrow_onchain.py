@@ -17,6 +17,8 @@ from connector.chain.client import ChainClient, Receipt, RpcError, TransactionRe
 from connector.errors import EscrowRefused, SettlementPending, ValidationFailed
 from connector.storage.models.payments import Payment
 from connector.x402 import auth_capture as ac
+from connector.x402.errors import ProtocolError
+from connector.x402.requirement import requirement_from_wire
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,17 @@ class EscrowView:
 
 
 def terms_of(payment: Payment) -> tuple[ac.PaymentInfo, ac.Deployment]:
-    """The escrow terms an outgoing ``authCapture`` payment signed, from its stored payload."""
+    """The escrow terms an ``authCapture`` payment's payer signed, from what is stored: the
+    ``paymentInfo`` our ``send`` keeps in its payload, or — for a payer that sends only its
+    authorization and salt, as the TypeScript client does to our paywall — rebuilt from the
+    requirement and that authorization exactly as the facilitator rebuilds them.
+    Raises :class:`~connector.errors.ValidationFailed` when neither is there."""
     wire = payment.signed_payload or {}
     inner = wire.get("payload") if isinstance(wire, dict) else None
     accepted = wire.get("accepted") if isinstance(wire, dict) else None
     if not isinstance(accepted, dict):
         accepted = payment.requirement  # the requirement the payment was made against
-    if not isinstance(inner, dict) or "paymentInfo" not in inner or not isinstance(accepted, dict):
+    if not isinstance(inner, dict) or not isinstance(accepted, dict):
         raise ValidationFailed(
             f"payment {payment.id} is not an authCapture payment with stored terms",
             field="payment_id",
@@ -43,7 +49,24 @@ def terms_of(payment: Payment) -> tuple[ac.PaymentInfo, ac.Deployment]:
     deployment = ac.resolve_deployment((extra or {}).get("authCaptureEscrow"))
     if deployment is None:
         raise ValidationFailed("stored terms name an unknown escrow", field="payment_id")
-    return ac.payment_info_from_wire(inner["paymentInfo"]), deployment
+    if "paymentInfo" in inner:
+        return ac.payment_info_from_wire(inner["paymentInfo"]), deployment
+    try:
+        requirement = requirement_from_wire(accepted, 2)
+        client = ac.parse_client_payload(inner)
+        info = ac.terms_for(
+            requirement,
+            ac.parse_extra(requirement.extra),
+            payer=client.authorization.from_,
+            salt=client.salt,
+            pre_approval_expiry=client.authorization.valid_before,
+        )
+    except ProtocolError as exc:
+        raise ValidationFailed(
+            f"payment {payment.id}: stored escrow terms unreadable ({exc.detail})",
+            field="payment_id",
+        ) from None
+    return info, deployment
 
 
 def escrow_view(chain: ChainClient, payment: Payment) -> EscrowView:

@@ -41,6 +41,7 @@ from connector.chain.client import ChainClient
 from connector.errors import (
     ConcurrentUpdate,
     Conflict,
+    EscrowRefused,
     ExternalServiceError,
     NotFound,
     SettlementPending,
@@ -93,14 +94,6 @@ class EscrowUnavailable(Conflict):
 
     code = "escrow_unavailable"
     title = "On-chain escrow is not available here"
-
-
-class EscrowRefused(Conflict):
-    """An escrow operation the escrow would refuse (nothing held, a deadline passed, more than
-    what is held or captured): refused before anything is sent, so no money moves."""
-
-    code = "escrow_refused"
-    title = "The escrow operation is not possible"
 
 
 class CaptureDeadlinePassed(EscrowRefused):

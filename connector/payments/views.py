@@ -57,7 +57,9 @@ def _escrow_view(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
     """The escrow amounts of an on-chain escrow payment (None for any other payment)."""
     if not ledger:
         return None
-    return {k: v for k, v in ledger.items() if k not in _LEDGER_INTERNAL}
+    amounts = {k: v for k, v in ledger.items() if k not in _LEDGER_INTERNAL}
+    # An operation recorded before any escrow event was applied leaves no amounts yet.
+    return amounts if "held" in amounts else None
 
 
 #: Ledger keys that are not amounts: applied event keys, the block a history read starts at,
