@@ -15,12 +15,23 @@ must be empty when the run starts (``BENCH_REDIS_URL``, default DB 15; the bench
 database holding anyone's keys and, at the end, deletes only the Celery keys it created). It
 never flushes a database. ``--smoke`` runs a tiny size (the test suite does, so the bench cannot
 rot) and records nothing unless ``BENCH_RESULTS_DIR`` is set.
+
+Where the CPU goes: every run reads the CPU time of each process involved from ``/proc`` before
+and after (workers, facilitator, anvil, this database's PostgreSQL backends, Redis, this process)
+and prints it per payment, next to how busy the whole machine was (other load shows there).
+
+A run that stops making progress fails loudly instead of waiting forever: after
+``BENCH_STALL_S`` seconds (default 60) without a job finishing it prints the jobs' status counts,
+what the broker still holds and the tail of each worker's log (workers log to files in a
+temporary folder, kept when a run fails). ``BENCH_CONFIGS`` (default ``0,1,2``) picks the
+configurations: 0 is the SDK loop, 1 and 2 the number of workers.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -30,6 +41,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -56,6 +68,7 @@ from connector.storage.models.payments import Job
 from connector.vault import MasterKeyRing
 from connector.x402.requirement import Requirement
 from workers.celery_app import make_celery
+from workers.wiring import celery_dispatch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import record
@@ -68,7 +81,101 @@ ROOT = Path(__file__).resolve().parents[1]
 BROKER = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 #: What Celery and kombu write in the broker/result database (a run's own keys, nothing else).
 OWN_KEY_PATTERNS = ("celery", "_kombu.*", "unacked*", "celery-task-meta-*", "*.celery.pidbox")
-Run = tuple[float, list[float]]  # (payments per second, latencies in ms)
+STALL_S = float(os.environ.get("BENCH_STALL_S", "60"))
+CONFIGS = tuple(int(c) for c in os.environ.get("BENCH_CONFIGS", "0,1,2").split(","))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+TIMELINE = bool(os.environ.get("BENCH_TIMELINE"))  # print jobs finished per 250 ms
+Run = tuple[float, list[float], dict[str, float]]  # (payments/s, latencies in ms, CPU ms/payment)
+
+
+class Stalled(SystemExit):
+    """A run stopped making progress (see ``BENCH_STALL_S``)."""
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (None once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, fields start at #3
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores, every process, ours or not)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds per named group of processes between :meth:`start` and :meth:`stop`.
+
+    PostgreSQL serves each connection from its own backend process: the group ``postgres`` is the
+    backends connected to the bench's database (found at both ends; one that exits meanwhile is
+    missed, one that starts meanwhile counts whole).
+    """
+
+    def __init__(self, db: str, redis_pid: int | None) -> None:
+        self.db = db
+        self.redis_pid = redis_pid
+        self.groups: dict[str, list[int]] = {}
+
+    def _backends(self) -> list[int]:
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.db,)
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _sample(self) -> dict[tuple[str, int], float]:
+        groups = {**self.groups, "postgres": self._backends(), "bench": [os.getpid()]}
+        if self.redis_pid:
+            groups["redis"] = [self.redis_pid]
+        out = {}
+        for name, pids in groups.items():
+            for pid in pids:
+                cpu = proc_cpu_s(pid)
+                if cpu is not None:
+                    out[(name, pid)] = cpu
+        return out
+
+    def start(self, **groups: list[int]) -> None:
+        self.groups = groups
+        self._before = self._sample()
+        self._busy = machine_busy_s()
+        self._t0 = time.perf_counter()
+
+    def stop(self, payments: int) -> dict[str, float]:
+        """CPU milliseconds per payment for each group, ``all ours`` and ``machine``."""
+        after = self._sample()
+        busy = machine_busy_s() - self._busy
+        wall = time.perf_counter() - self._t0
+        per: dict[str, float] = {}
+        for (name, pid), cpu in after.items():
+            per[name] = per.get(name, 0.0) + cpu - self._before.get((name, pid), 0.0)
+        result = {name: 1000 * v / payments for name, v in sorted(per.items())}
+        result["all ours"] = sum(result.values())
+        result["machine"] = 1000 * busy / payments
+        result["machine busy %"] = 100 * busy / (wall * (os.cpu_count() or 1))
+        return result
+
+
+CPU_GROUPS = ("workers", "facilitator", "anvil", "postgres", "redis", "bench")
+
+
+def median_cpu(runs: list[Run]) -> dict[str, float]:
+    keys = {k for _, _, cpu in runs for k in cpu}
+    return {k: statistics.median(cpu.get(k, 0.0) for _, _, cpu in runs) for k in keys}
+
+
+def cpu_line(cpu: dict[str, float]) -> str:
+    parts = [f"{k} {cpu[k]:.1f}" for k in CPU_GROUPS if k in cpu]
+    return (
+        "CPU ms/payment: " + ", ".join(parts) + f"; all ours {cpu['all ours']:.1f}, machine "
+        f"{cpu['machine']:.1f} ({cpu['machine busy %']:.0f}% busy)"
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -81,6 +188,8 @@ class Chain:
     info: DevChainInfo
     facilitator_url: str
     accounts: list[LocalAccount]
+    facilitator_pid: int
+    anvil_pid: int
 
 
 @contextmanager
@@ -106,14 +215,15 @@ def fresh_chain() -> Iterator[Chain]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        yield Chain(info, url, dev_accounts(20))
+        assert node._proc is not None
+        yield Chain(info, url, dev_accounts(20), fac.pid, node._proc.pid)
     finally:
         fac.terminate()
         fac.wait(timeout=20)
         node.stop()
 
 
-def sdk_loop(chain: Chain) -> Run:
+def sdk_loop(chain: Chain, meter: CpuMeter) -> Run:
     """The baseline: sign -> verify -> settle with the official SDK, one payment at a time."""
     info = chain.info
     req = Requirement(
@@ -132,6 +242,7 @@ def sdk_loop(chain: Chain) -> Run:
     offer = PaymentRequired(accepts=[PaymentRequirements.model_validate(req.to_v2())])
     count = N  # the same number of payments as ours: the chain grows the same way
     lat = []
+    meter.start(facilitator=[chain.facilitator_pid], anvil=[chain.anvil_pid])
     start = time.perf_counter()
     for _ in range(count):
         t0 = time.perf_counter()
@@ -139,10 +250,11 @@ def sdk_loop(chain: Chain) -> Run:
         assert facilitator.verify(payload, offer.accepts[0]).is_valid
         assert facilitator.settle(payload, offer.accepts[0]).success
         lat.append((time.perf_counter() - t0) * 1000)
-    return count / (time.perf_counter() - start), lat
+    rate = count / (time.perf_counter() - start)
+    return rate, lat, meter.stop(count)
 
 
-def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Run:
+def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int, meter: CpuMeter) -> Run:
     info = chain.info
     with transaction(rt.engine) as s:
         conn_id = connections.create(
@@ -160,24 +272,39 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
             ),
         ).id
     app = make_celery(rt.settings)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "--concurrency", "8"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(workers)
-    ]
+    logs = Path(tempfile.mkdtemp(prefix="bench_send_logs_"))
+    procs = []
+    for i in range(workers):
+        with open(logs / f"worker{i}.log", "wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "api.cli", "worker", "--concurrency", "8"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    failed = True
     try:
         # Measure from the moment every worker answers a ping (start-up is not throughput).
         for _ in range(300):
             if len(app.control.ping(timeout=0.5) or []) >= workers:
                 break
         else:
-            raise SystemExit("workers did not come up")
-        start = time.perf_counter()
+            raise SystemExit(f"workers did not come up; their logs: {logs}")
+        print(
+            f"measuring {workers} worker(s): pids {' '.join(str(p.pid) for p in procs)}, "
+            f"facilitator {chain.facilitator_pid}, anvil {chain.anvil_pid}",
+            file=sys.stderr,
+            flush=True,
+        )
+        meter.start(
+            workers=[p.pid for p in procs],
+            facilitator=[chain.facilitator_pid],
+            anvil=[chain.anvil_pid],
+        )
+        started_at = datetime.now(UTC)
         run_tag = secrets.token_hex(6)
         with transaction(rt.engine) as s:
             ids = [
@@ -190,11 +317,17 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
                 ).job.id
                 for i in range(N)
             ]
+        created_s = (datetime.now(UTC) - started_at).total_seconds()
+        enqueue = celery_dispatch(app)  # what the API does after committing a job
         for job_id in ids:
-            app.send_task("x402c.run_job", args=[job_id])
+            enqueue("x402c.run_job", (job_id,))
+        if TIMELINE:
+            queued_s = (datetime.now(UTC) - started_at).total_seconds()
+            print(f"jobs created at {created_s:.3f} s, queued at {queued_s:.3f} s", file=sys.stderr)
         # Poll cheaply (a COUNT every 100 ms) so the measuring process does not steal the CPU
         # the workers need on a 2-core machine.
         finished = col(Job.status).in_(("succeeded", "failed"))
+        last_done, last_progress = -1, time.monotonic()
         while True:
             with transaction(rt.engine) as s:
                 done = s.execute(
@@ -202,13 +335,23 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
                 ).scalar_one()
             if done >= N:
                 break
+            if done != last_done:
+                last_done, last_progress = done, time.monotonic()
+            elif time.monotonic() - last_progress > STALL_S:
+                raise Stalled(stall_report(rt, conn_id, workers, logs, procs, STALL_S))
             time.sleep(0.1)
-        elapsed = time.perf_counter() - start
+        cpu = meter.stop(N)
         with transaction(rt.engine) as s:
             jobs = list(s.execute(select(Job).where(col(Job.connection_id) == conn_id)).scalars())
         assert all(j.status == "succeeded" for j in jobs), {j.status for j in jobs}
+        # The run ends when the last job finished (its own timestamp, same clock), not at the
+        # poll that noticed it: polling every 100 ms would add ~50 ms to a ~2 s run.
+        elapsed = (max(j.updated_at for j in jobs) - started_at).total_seconds()
         lat = [(j.updated_at - j.created_at).total_seconds() * 1000 for j in jobs]
-        return N / elapsed, lat
+        if TIMELINE:
+            print(timeline(started_at, [j.updated_at for j in jobs]), file=sys.stderr)
+        failed = False
+        return N / elapsed, lat, cpu
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -218,11 +361,58 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int) -> Ru
             except subprocess.TimeoutExpired:
                 p.kill()
         app.close()  # the producer's pooled broker connections
+        if failed:
+            print(f"worker logs kept in {logs}", file=sys.stderr)
+        else:
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+def timeline(started_at: datetime, finished: list[datetime], step_s: float = 0.25) -> str:
+    """Jobs finished in each ``step_s`` from the start: shows a slow start or a long tail."""
+    counts: dict[int, int] = {}
+    for when in finished:
+        slot = int((when - started_at).total_seconds() / step_s)
+        counts[slot] = counts.get(slot, 0) + 1
+    return f"finished per {step_s:g} s: " + " ".join(
+        str(counts.get(i, 0)) for i in range(max(counts) + 1)
+    )
+
+
+def stall_report(
+    rt: Runtime,
+    conn_id: str,
+    workers: int,
+    logs: Path,
+    procs: list[subprocess.Popen[bytes]],
+    stall_s: float,
+) -> str:
+    """What a stuck run looks like: job statuses, the broker's queues and the workers' logs."""
+    with transaction(rt.engine) as s:
+        counts = s.execute(
+            select(col(Job.status), col(Job.attempts), func.count())
+            .where(col(Job.connection_id) == conn_id)
+            .group_by(col(Job.status), col(Job.attempts))
+            .order_by(col(Job.status), col(Job.attempts))
+        ).all()
+    broker = redis.Redis.from_url(BROKER)
+    queued = broker.llen("celery")
+    unacked = broker.hlen("unacked")
+    lines = [
+        f"no job finished for {stall_s:g} s ({workers} worker(s)); job status (attempts): "
+        + ", ".join(f"{status} ({attempts}): {n}" for status, attempts, n in counts),
+        f"broker: {queued} message(s) queued, {unacked} unacknowledged, {broker.dbsize()} key(s)",
+        "workers alive: " + ", ".join(str(p.poll() is None) for p in procs),
+        f"worker logs: {logs}",
+    ]
+    for path in sorted(logs.glob("*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-40:]
+        lines += [f"--- {path.name} (last {len(tail)} lines)", *tail]
+    return "\n".join(lines)
 
 
 def summary(runs: list[Run]) -> tuple[float, float, float, str]:
-    rates = [r for r, _ in runs]
-    lat = [x for _, values in runs for x in values]
+    rates = [r for r, _, _ in runs]
+    lat = [x for _, values, _ in runs for x in values]
     return (
         statistics.median(rates),
         statistics.median(lat),
@@ -263,30 +453,42 @@ def main() -> None:
             "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",
             "X402C_LOG_LEVEL": "WARNING",
         }
-        results: dict[int, list[Run]] = {0: [], 1: [], 2: []}
-        for _ in range(ROUNDS):
-            for workers in (0, 1, 2):
+        meter = CpuMeter(db, int(broker.info("server").get("process_id") or 0) or None)
+        results: dict[int, list[Run]] = {c: [] for c in CONFIGS}
+        for round_no in range(ROUNDS):
+            for workers in CONFIGS:
                 with fresh_chain() as chain:
-                    run = sdk_loop(chain) if workers == 0 else our_send(rt, env, chain, workers)
+                    run = (
+                        sdk_loop(chain, meter)
+                        if workers == 0
+                        else our_send(rt, env, chain, workers, meter)
+                    )
                 results[workers].append(run)
+                what = "SDK loop" if workers == 0 else f"ours, {workers} worker(s)"
+                print(f"round {round_no + 1} {what}: {run[0]:.1f}/s; {cpu_line(run[2])}")
         print(
             f"send end to end, direct payments (Redis, PostgreSQL, anvil); {ROUNDS} interleaved "
             f"rounds, each run on a fresh chain; medians of runs; "
             f"{N} payments per run"
         )
-        sdk_rate, p50, p95, spread = summary(results[0])
-        print(
-            f"  bare SDK loop sign->verify->settle (sequential): {sdk_rate:6.1f}/s  "
-            f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms   runs: {spread}"
-        )
-        for workers in (1, 2):
+        for workers in CONFIGS:
             rate, p50, p95, spread = summary(results[workers])
+            cpu = median_cpu(results[workers])
+            if workers == 0:
+                label = "bare SDK loop sign->verify->settle (sequential):"
+            else:
+                label = f"our send, {workers} worker(s) x 8 threads:           "
+            ratio = ""
+            if workers and 0 in results:
+                ratio = f"  ({rate / summary(results[0])[0]:.2f}x SDK loop)"
             print(
-                f"  our send, {workers} worker(s) x 8 threads:            {rate:6.1f}/s  "
-                f"p50 {p50:5.0f} ms  p95 {p95:5.0f} ms  ({rate / sdk_rate:.2f}x SDK loop)   "
-                f"runs: {spread}"
+                f"  {label} {rate:6.1f}/s  p50 {p50:5.0f} ms  p95 {p95:5.0f} ms{ratio}   "
+                f"runs: {spread}\n      median {cpu_line(cpu)}"
             )
         print("  (latency of ours = job queued -> finished, so it includes queueing of the batch)")
+        if set(CONFIGS) != {0, 1, 2}:
+            return  # a partial run (profiling) records nothing
+        sdk_rate = summary(results[0])[0]
         rows = [
             record.row(
                 f"`send` end to end, {workers} worker(s) x 8 threads (Redis, PostgreSQL)",
@@ -296,6 +498,16 @@ def main() -> None:
             )
             for workers in (1, 2)
         ]
+        ours, sdk = median_cpu(results[2]), median_cpu(results[0])
+        rows.append(
+            record.row(
+                "`send` CPU per payment, 2 workers, all processes (ms; machine-wide in brackets)",
+                f"{ours['all ours']:.1f} ms ({ours['machine']:.1f}): "
+                + ", ".join(f"{k} {ours[k]:.1f}" for k in CPU_GROUPS if k in ours),
+                f"SDK loop {sdk['all ours']:.1f} ms ({sdk['machine']:.1f})",
+                None,
+            )
+        )
         record.write("send", rows, smoke=SMOKE)
     finally:
         for pattern in OWN_KEY_PATTERNS:  # the database was empty: these keys are this run's
