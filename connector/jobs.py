@@ -19,7 +19,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Table, bindparam, delete, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col
 
 from connector.errors import Conflict, ConnectorError, NotFound
@@ -28,6 +29,14 @@ from connector.storage.models.payments import IdempotencyRecord, Job
 
 IN_FLIGHT_LEASE = timedelta(minutes=5)
 JOBS: Table = SQLModel.metadata.tables["jobs"]
+KEYS: Table = SQLModel.metadata.tables["idempotency_records"]
+#: Claim an idempotency key unless it exists (per dialect: both spell ON CONFLICT DO NOTHING).
+_INSERT_KEY = {
+    name: dialect_insert(KEYS)
+    .on_conflict_do_nothing(index_elements=["scope", "key"])
+    .returning(KEYS.c.id)
+    for name, dialect_insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
 
 
 class IdempotencyInFlight(Conflict):
@@ -114,34 +123,36 @@ def start_job(
         return JobStart(job, True, None)
     scope = f"{connection_id}:{action}"
     fingerprint = request_fingerprint(action, body)
-    existing = _live_record(session, scope, idempotency_key, now)
-    if existing is not None:
-        return _replay(session, existing, fingerprint, now)
-    job = _new_job(session, connection_id, action, body, now, requested_by)
-    record = IdempotencyRecord(
-        id=new_id("idem"),
-        scope=scope,
-        key=idempotency_key,
-        request_hash=fingerprint,
-        job_id=job.id,
-        in_flight=True,
-        lease_until=now + IN_FLIGHT_LEASE,
-        created_at=now,
-        expires_at=now + ttl,
-    )
-    try:
-        with session.begin_nested():
-            session.add(record)
-    except IntegrityError:
-        # Another request with the same key won the race; answer as its replay would. The
-        # savepoint undid only our key: our job row is still in this transaction and must go,
-        # or the caller's commit would leave a queued job that the stale-job sweep would run.
+    for _ in range(2):
+        job = _new_job(session, connection_id, action, body, now, requested_by)
+        # The key is claimed by the insert itself: a new key (the common case) costs this one
+        # statement, with no lookup before it and no savepoint around it. A key that exists
+        # (or a concurrent request holding it) makes the insert a no-op, answered as a replay.
+        record_id = new_id("idem")
+        inserted = session.execute(
+            _INSERT_KEY[session.get_bind().dialect.name],
+            {
+                "id": record_id,
+                "scope": scope,
+                "key": idempotency_key,
+                "request_hash": fingerprint,
+                "job_id": job.id,
+                "in_flight": True,
+                "lease_until": now + IN_FLIGHT_LEASE,
+                "created_at": now,
+                "expires_at": now + ttl,
+            },
+        ).first()
+        if inserted is not None:
+            return JobStart(job, True, record_id)
+        # Our job row is in this transaction and must go, or the caller's commit would leave a
+        # queued job that the stale-job sweep would run.
         session.execute(delete(JOBS).where(JOBS.c.id == job.id))
-        winner = _live_record(session, scope, idempotency_key, now)
-        if winner is None:
-            raise
-        return _replay(session, winner, fingerprint, now)
-    return JobStart(job, True, record.id)
+        existing = _live_record(session, scope, idempotency_key, now)
+        if existing is not None:
+            return _replay(session, existing, fingerprint, now)
+        # The key had expired (its record is gone now): claim it afresh, once.
+    raise Conflict("the Idempotency-Key is being reused concurrently; retry")
 
 
 def _new_job(
