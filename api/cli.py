@@ -501,7 +501,7 @@ def facilitator(
             raise typer.Exit(2)
         info = DevChainInfo.from_file(devchain_state)
         local = LocalFacilitator(
-            ChainClient(info.rpc_url),
+            ChainClient(info.rpc_url, combine=True),
             dev_accounts(gas_key_index + 1)[gas_key_index],
             network=info.network,
             assets={info.token},

@@ -153,7 +153,7 @@ def start_stack(
         exit_stack.callback(rt.close)
         migrate.upgrade(rt.engine)
         accounts = dev_accounts(20)
-        chain_client = ChainClient(info.rpc_url)
+        chain_client = ChainClient(info.rpc_url, combine=True)
         exit_stack.callback(chain_client.close)
         facilitator = LocalFacilitator(
             chain_client, accounts[19], network=info.network, assets={info.token}

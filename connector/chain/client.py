@@ -147,6 +147,104 @@ class _ReceiptWatcher:
             time.sleep(self._client.poll_interval_s)
 
 
+#: One JSON-RPC answer: (True, result) or (False, the node's bounded error message).
+Answer = tuple[bool, Any]
+
+
+@dataclass
+class _Group:
+    """Calls that must travel together (one :meth:`ChainClient.rpc_batch`), and their answers."""
+
+    calls: list[tuple[str, list[Any]]]
+    done: threading.Event = field(default_factory=threading.Event)
+    answers: list[Answer] | None = None
+    failure: RpcError | None = None  # the round trip itself failed (unreachable, HTTP error)
+    lead: list[_Group] | None = None  # handed to this caller: the next round trip to make
+
+
+class _Combiner:
+    """Concurrent JSON-RPC calls share HTTP round trips (flat combining, no timer).
+
+    A caller that finds no round trip in flight sends its call at once, exactly as without the
+    combiner. Callers that arrive while one is in flight queue up; when it returns, the first of
+    them sends everything queued as one JSON-RPC batch (up to ``max_calls``) and the others wait
+    for their answers. A lone caller never waits; under load, N concurrent calls cost a few HTTP
+    requests instead of N, on both sides of the connection.
+    """
+
+    def __init__(self, client: ChainClient, max_calls: int) -> None:
+        self._client = client
+        self._max_calls = max(1, max_calls)
+        self._lock = threading.Lock()
+        self._queue: list[_Group] = []
+        self._busy = False
+        self.round_trips = 0
+        self.calls = 0
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the round trip in flight to return."""
+        with self._lock:
+            return sum(len(g.calls) for g in self._queue)
+
+    def submit(self, calls: list[tuple[str, list[Any]]]) -> list[Answer]:
+        group = _Group(calls)
+        with self._lock:
+            if self._busy:
+                self._queue.append(group)
+                mine = None
+            else:
+                self._busy = True
+                mine = [group]
+        if mine is None:
+            group.done.wait()
+            mine = group.lead
+        if mine is not None:
+            self._round_trip(mine)
+        if group.failure is not None:
+            raise RpcError(group.failure.detail, **group.failure.context) from group.failure
+        assert group.answers is not None
+        return group.answers
+
+    def _round_trip(self, groups: list[_Group]) -> None:
+        try:
+            flat = [call for g in groups for call in g.calls]
+            answers = self._client._exchange(flat)
+            self.round_trips += 1
+            self.calls += len(flat)
+            start = 0
+            for g in groups:
+                g.answers = answers[start : start + len(g.calls)]
+                start += len(g.calls)
+        except RpcError as exc:
+            for g in groups:
+                g.failure = exc
+        except BaseException as exc:  # never leave a waiter hanging
+            for g in groups:
+                g.failure = RpcError(f"RPC batch failed: {type(exc).__name__}")
+            raise
+        finally:
+            with self._lock:
+                following = self._take()
+                if not following:
+                    self._busy = False
+            for g in groups:
+                g.done.set()
+            if following:
+                following[0].lead = following
+                following[0].done.set()
+
+    def _take(self) -> list[_Group]:
+        """The queued groups for the next round trip (always at least one, if any wait)."""
+        taken: list[_Group] = []
+        count = 0
+        while self._queue and (not taken or count + len(self._queue[0].calls) <= self._max_calls):
+            group = self._queue.pop(0)
+            taken.append(group)
+            count += len(group.calls)
+        return taken
+
+
 class ChainClient:
     _instances: weakref.WeakSet[ChainClient] = weakref.WeakSet()
 
@@ -168,7 +266,12 @@ class ChainClient:
         max_attempts: int = 3,
         transport: httpx.BaseTransport | None = None,
         fallback_urls: Sequence[str] = (),
+        combine: bool = False,
+        max_batch: int = 20,
     ) -> None:
+        """``combine``: concurrent calls from many threads share JSON-RPC batches (see
+        :class:`_Combiner`); for a server settling many payments at once (the facilitator).
+        ``max_batch`` bounds such a batch (providers cap batch sizes)."""
         self.rpc_url = rpc_url
         # Failover: when a node stops answering (transport errors after the retries, or 5xx),
         # the next URL serves, and stays active until it fails in turn.
@@ -190,6 +293,7 @@ class ChainClient:
         self._receipts: _ReceiptWatcher | None = None
         self._domains: dict[str, tuple[str, str]] = {}
         self.nonce_errors = 0  # node refusals of a locally chosen nonce (should stay 0)
+        self.combiner = _Combiner(self, max_batch) if combine else None
         ChainClient._instances.add(self)
 
     def close(self) -> None:
@@ -240,48 +344,62 @@ class ChainClient:
         ) from failure
 
     def rpc(self, method: str, params: list[Any]) -> Any:
-        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
-        response = self._post(body, method)
-        if response.status_code != 200:
-            raise RpcError(f"RPC {method} answered HTTP {response.status_code}", rpc_method=method)
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise RpcError(f"RPC {method} answered non-JSON", rpc_method=method) from exc
-        if not isinstance(data, dict):
-            raise RpcError(f"RPC {method} answered a non-object", rpc_method=method)
-        if data.get("error"):
-            err = data["error"]
-            message = _node_message(err.get("message") if isinstance(err, dict) else None)
-            raise RpcError(f"RPC {method} failed: {message}", rpc_method=method, retryable=False)
-        return data.get("result")
+        ok, value = self._answers([(method, params)])[0]
+        if not ok:
+            raise RpcError(f"RPC {method} failed: {value}", rpc_method=method, retryable=False)
+        return value
 
     def rpc_batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Several calls in one HTTP round trip (JSON-RPC batch); results in call order."""
         if not calls:
             return []
-        body = [
-            {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
-            for i, (method, params) in enumerate(calls)
-        ]
+        results = []
+        for (method, _), (ok, value) in zip(calls, self._answers(calls), strict=True):
+            if not ok:
+                raise RpcError(f"RPC {method} failed: {value}", rpc_method=method, retryable=False)
+            results.append(value)
+        return results
 
-        response = self._post(body, "batch")
-        data = response.json()
+    def _answers(self, calls: list[tuple[str, list[Any]]]) -> list[Answer]:
+        if self.combiner is not None:
+            return self.combiner.submit(calls)
+        return self._exchange(calls)
+
+    def _exchange(self, calls: list[tuple[str, list[Any]]]) -> list[Answer]:
+        """One HTTP round trip: a plain JSON-RPC request for one call, a batch for several.
+        Raises :class:`RpcError` when the round trip fails; a call's own error is its answer."""
+        what = calls[0][0] if len(calls) == 1 else "batch"
+        if len(calls) == 1:
+            method, params = calls[0]
+            body: Any = {"jsonrpc": "2.0", "id": next(self._ids), "method": method,
+                         "params": params}  # fmt: skip
+        else:
+            body = [
+                {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
+                for i, (method, params) in enumerate(calls)
+            ]
+        response = self._post(body, what)
+        if response.status_code != 200:
+            raise RpcError(f"RPC {what} answered HTTP {response.status_code}", rpc_method=what)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise RpcError(f"RPC {what} answered non-JSON", rpc_method=what) from exc
+        if len(calls) == 1:
+            if not isinstance(data, dict):
+                raise RpcError(f"RPC {what} answered a non-object", rpc_method=what)
+            return [self._answer(data)]
         if not isinstance(data, list):
             raise RpcError("RPC batch answered a non-list", retryable=False)
         by_id = {item.get("id"): item for item in data if isinstance(item, dict)}
-        results = []
-        for i, (method, _) in enumerate(calls):
-            item = by_id.get(i) or {}
-            if item.get("error"):
-                message = _node_message(
-                    item["error"].get("message") if isinstance(item["error"], dict) else None
-                )
-                raise RpcError(
-                    f"RPC {method} failed: {message}", rpc_method=method, retryable=False
-                )
-            results.append(item.get("result"))
-        return results
+        return [self._answer(by_id.get(i) or {}) for i in range(len(calls))]
+
+    @staticmethod
+    def _answer(item: dict[str, Any]) -> Answer:
+        err = item.get("error")
+        if err:
+            return False, _node_message(err.get("message") if isinstance(err, dict) else None)
+        return True, item.get("result")
 
     # ------------------------------------------------------------------ reads
 

@@ -34,8 +34,9 @@ def _body(payer: LocalAccount, requirement: Requirement) -> dict[str, object]:
 def fresh_facilitator(
     chain: DevChainInfo, accounts: list[LocalAccount]
 ) -> Iterator[tuple[LocalFacilitator, ChainClient]]:
-    """Own client (own nonce allocator and counters) and a gas key no other test uses here."""
-    client = ChainClient(chain.rpc_url)
+    """Own client (own nonce allocator and counters) and a gas key no other test uses here;
+    concurrent calls share JSON-RPC batches, as in a deployed facilitator."""
+    client = ChainClient(chain.rpc_url, combine=True)
     yield (
         LocalFacilitator(
             client, accounts[17], network=chain.network, assets={chain.token},
@@ -77,6 +78,8 @@ def test_fifty_concurrent_settles_from_one_signer_have_no_nonce_error(
     nonce_after = int(client.rpc("eth_getTransactionCount", [gas_key, "latest"]), 16)
     assert nonce_after - nonce_before == 50  # every nonce used once, no gap, no replacement
     assert client.token_balance(chain.token, payee) == balance_before + 150
+    assert client.combiner is not None  # the 50 settles' calls shared round trips
+    assert client.combiner.round_trips < client.combiner.calls
 
 
 def test_a_dropped_settlement_is_resubmitted_and_pays_once(
