@@ -16,7 +16,7 @@ from celery.contrib.testing.worker import start_worker
 from connector.runtime import Runtime
 from workers import runtime as worker_runtime
 from workers.celery_app import celery_app
-from workers.wiring import wire
+from workers.wiring import send, wire
 
 
 def _periodic(stop: threading.Event) -> None:
@@ -28,7 +28,7 @@ def _periodic(stop: threading.Event) -> None:
         for name, entry in schedule.items():
             if now - last.get(name, now - float(entry["schedule"]) - 1) >= float(entry["schedule"]):
                 last[name] = now
-                celery_app.send_task(entry["task"])
+                send(celery_app, entry["task"])
 
 
 @contextmanager

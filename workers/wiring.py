@@ -18,9 +18,20 @@ from connector.runtime import Runtime
 HOT_TABLES = ("jobs", "connections", "payments", "events", "reservations", "budget_locks")
 
 
+def send(app: Celery, task: str, *args: Any, **kwargs: Any) -> None:
+    """Enqueue ``task`` by name, telling Celery that nobody waits for its result.
+
+    Our tasks' outcomes live in the database (jobs, payments, deliveries), never in a result
+    backend. By name, Celery cannot know the task ignores its result and, with the Redis backend,
+    subscribes to the result's channel on every send and unsubscribes later: two extra Redis
+    commands and ~0.1 ms of CPU per enqueue, on every job the API queues.
+    """
+    app.send_task(task, args=list(args), kwargs=kwargs or None, ignore_result=True)
+
+
 def celery_dispatch(app: Celery) -> Any:
     def dispatch(task: str, args: tuple[Any, ...]) -> None:
-        app.send_task(task, args=list(args))
+        send(app, task, *args)
 
     return dispatch
 
@@ -83,6 +94,6 @@ def wire(rt: Runtime, app: Celery, *, debounce_s: float = 0.25) -> None:
     rt.dispatch = celery_dispatch(app)
     on_events_committed(
         Debounced(
-            lambda: app.send_task("x402c.dispatch_webhooks", kwargs={"new_only": True}), debounce_s
+            lambda: send(app, "x402c.dispatch_webhooks", new_only=True), debounce_s
         )
     )
