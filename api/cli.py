@@ -245,6 +245,10 @@ def worker(
             2,
         )
     rt = runtime()
+    # A worker whose code expects another schema than the database's would fail every job it
+    # takes (an unknown column: each job left stuck until the stale-job sweep) — refuse instead
+    # (production), or migrate first like `serve` (dev).
+    _ensure_schema(rt)
     wire(rt, celery_app)
     if not rt.settings.worker_task_logs:
         quiet_task_logs()

@@ -31,7 +31,7 @@ from connector.payments.context_loader import load_connection
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.runtime import Runtime
-from connector.storage.db import UnitOfWork, one_connection
+from connector.storage.db import UnitOfWork, is_connection_error, one_connection
 from connector.storage.models.payments import Job, Payment
 from connector.x402 import exact_evm
 from connector.x402.codec import decode_b64_json, parse_payment_payload
@@ -370,6 +370,16 @@ def _run(
                 retryable=False,
             ),
         )
+    except Exception as exc:
+        # Not the action's outcome: a bug, or a database that refuses a statement (a schema the
+        # code does not match). The claim is undone (or was committed before a network call):
+        # put the job back in the queue with the reason, instead of leaving it `running` with
+        # no trace until the stale-job sweep. A lost connection is not written (the database is
+        # gone): the task retries it at once.
+        claim.rollback()
+        if not is_connection_error(exc):
+            _requeue_after(rt, job.id, exc)
+        raise
     if isinstance(output, Done):
         return output.outcome
     return _record(rt, job, output)
@@ -385,6 +395,29 @@ def _record(rt: Runtime, job: ClaimedJob, output: BaseModel) -> outcome.Outcome:
         outcome.write(uow.session, job.id, found, payment_id=payment_id)
         uow.commit()
     return found
+
+
+def _requeue_after(rt: Runtime, job_id: str, exc: Exception) -> None:
+    """Record an unexpected failure on the job, back in ``queued`` (the sweep sends it again).
+
+    Only the exception's type is recorded and logged here: a database error's text carries the
+    statement's parameters, which may include a signed authorization.
+    """
+    name = type(exc).__name__
+    log.error("job failed unexpectedly", extra={"job_id": job_id, "error": name})
+    error = outcome.problem(
+        "internal_error",
+        "Internal error",
+        500,
+        f"{name} while running the job; it stays queued and runs again",
+        retryable=True,
+    )
+    try:
+        with UnitOfWork(rt.engine) as uow:
+            set_job_status(uow.session, job_id, "queued", error=error)
+            uow.commit()
+    except Exception:  # the original failure is the one to report
+        log.warning("could not record the failure on the job", extra={"job_id": job_id})
 
 
 def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> outcome.Outcome:

@@ -310,7 +310,9 @@ def test_a_crash_while_recording_a_settlement_never_pays_twice(
     assert seller.balance() == before + 4321  # the facilitator did settle
     with transaction(rt.engine) as s:
         job = s.get(Job, job_id)
-        assert job is not None and job.status == "running" and job.payment_id
+        # not an outcome: back in the queue with the reason (the sweep sends it again)
+        assert job is not None and job.status == "queued" and job.payment_id
+        assert job.error is not None and job.error["code"] == "internal_error"
         payment = s.get(Payment, job.payment_id)
         assert payment is not None and payment.state == "settling"  # rolled back together
 
@@ -376,6 +378,52 @@ def test_a_first_direct_send_commits_its_claim_with_the_payment(
     assert result is not None and result["payment"]["state"] == "settled"
     assert _job_status(stack, job_id) == ("succeeded", 1, result["payment"]["id"])
     assert seller.balance() == before + 777
+
+
+def test_a_statement_the_database_refuses_puts_the_job_back_in_the_queue_with_the_reason(
+    buyer: Agent, seller: Agent, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose code does not match the schema (here: a column the table lacks) must not
+    leave the job `running` with no trace after its claim was committed (the token domain was
+    read first): the job is `queued` again with an `internal_error`, and runs once fixed."""
+    from sqlalchemy.exc import ProgrammingError
+
+    import connector.payments.send as send
+    from connector.actions import service
+    from connector.storage.db import transaction
+    from connector.storage.models.payments import Job
+
+    rt = stack.runtime
+    chain = rt.chain(stack.chain.rpc_url)
+    monkeypatch.setattr(chain, "_domains", {})  # the claim commits before the domain is read
+    before = seller.balance()
+    job_id = _queue_send(stack, buyer, seller, "31")
+    real = send.insert_payment
+
+    def stale_schema(session: Any, *args: Any, **kwargs: Any) -> Any:
+        # What PostgreSQL answers an INSERT naming a column the table lacks (UndefinedColumn).
+        raise ProgrammingError(
+            "INSERT INTO payments (no_such_column) VALUES (%(x)s)",
+            {"x": "a signed authorization"},
+            Exception('column "no_such_column" of relation "payments" does not exist'),
+        )
+
+    monkeypatch.setattr(send, "insert_payment", stale_schema)
+    with pytest.raises(ProgrammingError):
+        service.run_job(rt, job_id)
+    with transaction(rt.engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and (job.status, job.attempts, job.payment_id) == ("queued", 1, None)
+        assert job.error is not None and job.error["code"] == "internal_error"
+        assert job.error["retryable"] is True and "ProgrammingError" in job.error["detail"]
+        assert "authorization" not in str(job.error)  # never the statement or its parameters
+    assert seller.balance() == before  # nothing was signed into the database, nothing moved
+
+    monkeypatch.setattr(send, "insert_payment", real)
+    result = service.run_job(rt, job_id)  # what the stale-job sweep's requeue does
+    assert result is not None and result["payment"]["state"] == "settled"
+    assert _job_status(stack, job_id)[:2] == ("succeeded", 2)
+    assert seller.balance() == before + 31
 
 
 def test_the_claim_is_committed_before_the_token_domain_is_read_from_the_chain(

@@ -68,6 +68,9 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     }
     assert_one_line_error(x402c(tmp_path, "connections", "list", **production), "x402c migrate")
     assert_one_line_error(x402c(tmp_path, "worker"), "X402C_BROKER_URL")
+    # A worker never runs against a schema its code does not match (every job would fail).
+    broker = {"X402C_BROKER_URL": "redis://127.0.0.1:1/0"}  # a closed port: never reached
+    assert_one_line_error(x402c(tmp_path, "worker", **production, **broker), "x402c migrate")
 
 
 @pytest.mark.chain
