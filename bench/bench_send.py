@@ -49,6 +49,7 @@ import psycopg
 import redis
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 from x402 import x402ClientSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
@@ -329,10 +330,13 @@ def our_send(rt: Runtime, env: dict[str, str], chain: Chain, workers: int, meter
         finished = col(Job.status).in_(("succeeded", "failed"))
         last_done, last_progress = -1, time.monotonic()
         while True:
-            with transaction(rt.engine) as s:
-                done = s.execute(
-                    select(func.count()).where(col(Job.connection_id) == conn_id, finished)
-                ).scalar_one()
+            try:
+                with transaction(rt.engine) as s:
+                    done = s.execute(
+                        select(func.count()).where(col(Job.connection_id) == conn_id, finished)
+                    ).scalar_one()
+            except OperationalError:  # the database is away: no progress seen, keep waiting
+                done = last_done
             if done >= N:
                 break
             if done != last_done:
@@ -387,19 +391,39 @@ def stall_report(
     stall_s: float,
 ) -> str:
     """What a stuck run looks like: job statuses, the broker's queues and the workers' logs."""
+    try:
+        return _stall_report(rt, conn_id, workers, logs, procs, stall_s)
+    except OperationalError as exc:
+        return (
+            f"no job finished for {stall_s:g} s and the database is unreachable "
+            f"({type(exc).__name__}); worker logs: {logs}"
+        )
+
+
+def _stall_report(
+    rt: Runtime,
+    conn_id: str,
+    workers: int,
+    logs: Path,
+    procs: list[subprocess.Popen[bytes]],
+    stall_s: float,
+) -> str:
     with transaction(rt.engine) as s:
-        counts = s.execute(
-            select(col(Job.status), col(Job.attempts), func.count())
-            .where(col(Job.connection_id) == conn_id)
-            .group_by(col(Job.status), col(Job.attempts))
-            .order_by(col(Job.status), col(Job.attempts))
+        rows = s.execute(
+            select(col(Job.status), col(Job.attempts), col(Job.error)).where(
+                col(Job.connection_id) == conn_id
+            )
         ).all()
+    tally: dict[tuple[str, int, str], int] = {}
+    for status, attempts, error in rows:
+        key = (status, attempts, (error or {}).get("code") or "-")
+        tally[key] = tally.get(key, 0) + 1
     broker = redis.Redis.from_url(BROKER)
     queued = broker.llen("celery")
     unacked = broker.hlen("unacked")
     lines = [
-        f"no job finished for {stall_s:g} s ({workers} worker(s)); job status (attempts): "
-        + ", ".join(f"{status} ({attempts}): {n}" for status, attempts, n in counts),
+        f"no job finished for {stall_s:g} s ({workers} worker(s)); job status (attempts, error): "
+        + ", ".join(f"{st} ({at}, {code}): {n}" for (st, at, code), n in sorted(tally.items())),
         f"broker: {queued} message(s) queued, {unacked} unacknowledged, {broker.dbsize()} key(s)",
         "workers alive: " + ", ".join(str(p.poll() is None) for p in procs),
         f"worker logs: {logs}",
@@ -452,6 +476,7 @@ def main() -> None:
             "X402C_MASTER_KEYS": keys,
             "X402C_OUTBOUND_ALLOW_LOOPBACK": "true",
             "X402C_LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",  # worker logs reach their files as they are written
         }
         meter = CpuMeter(db, int(broker.info("server").get("process_id") or 0) or None)
         results: dict[int, list[Run]] = {c: [] for c in CONFIGS}
