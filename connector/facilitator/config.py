@@ -43,6 +43,13 @@ class NetworkConfig(BaseModel):
     min_gas_balance_wei: int = Field(
         default=5 * 10**15, ge=0, description="Below this the signer is reported as low on gas."
     )
+    rpc_max_batch: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="Most calls in one JSON-RPC batch: concurrent settles share round trips to "
+        "the node (1 sends every call alone; set it to the provider's batch limit).",
+    )
 
     @field_validator("network")
     @classmethod

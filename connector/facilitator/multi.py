@@ -145,7 +145,12 @@ def _network_facilitator(
     net: NetworkConfig, signer: LocalAccount, config: FacilitatorConfig
 ) -> LocalFacilitator:
     # Many settles at once: their RPC calls share JSON-RPC batches (fewer round trips).
-    client = ChainClient(net.rpc_urls[0], fallback_urls=net.rpc_urls[1:], combine=True)
+    client = ChainClient(
+        net.rpc_urls[0],
+        fallback_urls=net.rpc_urls[1:],
+        combine=net.rpc_max_batch > 1,
+        max_batch=net.rpc_max_batch,
+    )
     return LocalFacilitator(
         client,
         signer,

@@ -248,3 +248,25 @@ def test_config_from_the_environment_alone(monkeypatch: pytest.MonkeyPatch) -> N
     assert cfg.networks[0].network == "eip155:84532" and len(cfg.networks[0].rpc_urls) == 2
     assert [k.get_secret_value() for k in cfg.api_keys] == [API_KEY]
     assert str(cfg.signer.key_file) == "/run/secrets/k"
+
+
+@pytest.mark.parametrize(("setting", "batch"), [(None, 20), (5, 5), (1, None)])
+def test_concurrent_settles_share_rpc_batches_up_to_rpc_max_batch(
+    setting: int | None, batch: int | None
+) -> None:
+    from connector.facilitator.multi import _network_facilitator
+
+    values: dict[str, Any] = {"network": "base-sepolia", "rpc_urls": ["http://127.0.0.1:1"]}
+    if setting is not None:
+        values["rpc_max_batch"] = setting
+    cfg = FacilitatorConfig.model_validate(
+        {"signer": {"key_file": "/run/secrets/k"}, "networks": [values]}
+    )
+    client = _network_facilitator(cfg.networks[0], Account.create(), cfg).chain
+    try:
+        if batch is None:  # 1: every call alone, no combining
+            assert client.combiner is None
+        else:
+            assert client.combiner is not None and client.combiner._max_calls == batch
+    finally:
+        client.close()
