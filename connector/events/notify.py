@@ -35,16 +35,22 @@ def mark_pending(session: Session) -> None:
     session.info[_FLAG] = True
 
 
+def events_committed() -> None:
+    """Wake the listeners: events were just committed (by a session's commit, below, or by a
+    statement that was its own transaction)."""
+    with _lock:
+        listeners = list(_listeners)
+    for callback in listeners:
+        try:
+            callback()
+        except Exception:  # a wake-up must never break the committing caller
+            logging.getLogger(__name__).warning("event wake-up failed", exc_info=True)
+
+
 @sa_event.listens_for(OrmSession, "after_commit")
 def _after_commit(session: OrmSession) -> None:
     if session.info.pop(_FLAG, False):
-        with _lock:
-            listeners = list(_listeners)
-        for callback in listeners:
-            try:
-                callback()
-            except Exception:  # a wake-up must never break the committing caller
-                logging.getLogger(__name__).warning("event wake-up failed", exc_info=True)
+        events_committed()
 
 
 @sa_event.listens_for(OrmSession, "after_rollback")

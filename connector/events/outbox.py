@@ -100,6 +100,19 @@ def record_event(
     return body_of(row["payload"], sequence)
 
 
+def build_rows(
+    events: list[tuple[str, str | None, dict[str, Any], str | None]],
+    *,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The outbox rows for ``events`` ``(type, connection_id, data, payment_id)``, in order and
+    without ``sequence``: for a writer that inserts them inside a statement of its own
+    (:mod:`connector.payments.machine`'s one-statement writes) rather than through
+    :func:`record_events`."""
+    now = now or datetime.now(UTC)
+    return [_build(t, c, d, p, now) for t, c, d, p in events]
+
+
 def record_events(
     session: Session,
     events: list[tuple[str, str | None, dict[str, Any], str | None]],
@@ -111,8 +124,7 @@ def record_events(
     are delivered in this order."""
     if not events:
         return
-    now = now or datetime.now(UTC)
-    rows = [_build(t, c, d, p, now) for t, c, d, p in events]
+    rows = build_rows(events, now=now)
     plain = [row for row in rows if row["payment_id"] is None]
     sequenced = [
         {**row, "seq_payment_id": row["payment_id"]}

@@ -19,6 +19,7 @@ unknown-outcome rule and the 503 ``Retry-After`` answer are the same as for ``ex
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,8 +35,15 @@ from connector.facilitator.client import FacilitatorError
 from connector.ids import new_id
 from connector.logs import get_logger
 from connector.payments import escrow_operator, offers
+from connector.payments.claim import record_and_claim
 from connector.payments.context import ConnectionContext
-from connector.payments.machine import Step, insert_payment, transition, update_fields
+from connector.payments.machine import (
+    Step,
+    advance_alone,
+    transition,
+    update_fields,
+    writes_alone,
+)
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
@@ -303,36 +311,16 @@ def handle_paywall(
         ]
         if request.capture == "automatic":
             steps.append(Step(S.SETTLING, {"settle_attempts": 1}))
-    with UnitOfWork(rt.engine) as uow:
-        try:
-            insert_payment(uow.session, payment, now=now, then=steps)
-            uow.session.flush()
-        except IntegrityError:
-            uow.rollback()
-            earlier = _earlier_payment(rt, offer, payload)
-            if earlier is not None:
-                return _resume(rt, offer, earlier, ctx=ctx)
-            return _payment_required(offer, "this authorization was already used")
-        # The claim comes last, so the row lock is held only for the commit.
-        claimed = uow.session.execute(
-            update(PaymentRequest)
-            .where(
-                col(PaymentRequest.id) == request.id,
-                col(PaymentRequest.status) == "open",
-                col(PaymentRequest.paid_count) < col(PaymentRequest.max_payments),
-            )
-            .values(paid_count=col(PaymentRequest.paid_count) + 1)
-            .returning(
-                col(PaymentRequest.status),
-                col(PaymentRequest.paid_count),
-                col(PaymentRequest.max_payments),
-            )
-        ).one_or_none()
-        if claimed is None:
-            uow.rollback()
-            cache.offer(rt, request.id)  # refresh what unpaid visitors see
-            return _payment_required(offer, "payment request already paid")
-        uow.commit()
+    try:  # the payment and its slot, committed together before any money moves
+        claimed = record_and_claim(rt, payment, steps, request.id, now)
+    except IntegrityError:
+        earlier = _earlier_payment(rt, offer, payload)
+        if earlier is not None:
+            return _resume(rt, offer, earlier, ctx=ctx)
+        return _payment_required(offer, "this authorization was already used")
+    if claimed is None:
+        cache.offer(rt, request.id)  # refresh what unpaid visitors see
+        return _payment_required(offer, "payment request already paid")
     cache.note(request.id, *claimed)
 
     if request.capture == "manual" and not escrow:
@@ -495,6 +483,11 @@ def settle_incoming(
         log.warning(
             "incoming settlement pending", extra={"payment_id": payment.id, "tx_hash": tx_hash}
         )
+    if settled and writes_alone(rt.engine):  # the common case, in one round trip
+        step = Step(S.SETTLED, {"tx_hash": tx_hash or payment.tx_hash})
+        with suppress(ConcurrentUpdate):  # moved meanwhile: the unit of work below re-reads it
+            if advance_alone(rt.engine, payment, [step]):
+                return payment
     current = payment
     with UnitOfWork(rt.engine) as uow:
         try:

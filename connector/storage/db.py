@@ -67,6 +67,21 @@ def one_connection(engine: Engine) -> Iterator[None]:
             _PINNED.reset(token)
 
 
+def pinned(engine: Engine) -> bool:
+    """Whether units of work opened here run on a connection pinned by :func:`one_connection`."""
+    found = _PINNED.get()
+    return found is not None and found[0] is engine
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in autocommit mode: each statement is its own transaction, with no
+    BEGIN or COMMIT round trip (for writers whose whole transaction is one statement). The pool
+    puts the connection back in its usual mode when it is returned."""
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def warm_pool(engine: Engine, connections: int, tables: list[str]) -> None:
     """Open ``connections`` pooled connections and let each server process load ``tables``.
 
