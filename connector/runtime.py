@@ -81,6 +81,21 @@ class Runtime:
             ),
         )
 
+    def payment_state_reader(self, rpc_url: str) -> Any:
+        """What a payment's verification reads from the chain (nonce used, payer's balance),
+        through a pooled ``http.client`` reader where the URL allows, else the chain client
+        (:mod:`connector.chain.reads`); SSRF-guarded either way."""
+        from connector.chain.reads import PaymentStateReader, lightweight
+
+        if not lightweight(rpc_url):
+            return self.chain(rpc_url)
+        return self._cached(
+            ("payment-state-reader", rpc_url),
+            lambda: PaymentStateReader(
+                rpc_url, timeout_s=self.settings.rpc_timeout_s, guard=self.outbound()
+            ),
+        )
+
     def facilitator(self, base_url: str, api_key: FacilitatorCredentials) -> FacilitatorClient:
         # Keyed by a hash of the credentials so the cache key itself holds no secret.
         if isinstance(api_key, CdpJwtAuth):

@@ -45,6 +45,7 @@ from connector.payments.machine import (
     writes_alone,
 )
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
+from connector.payments.preverify import verify_for_claim
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
@@ -258,11 +259,16 @@ def handle_paywall(
 
     ctx = ctx or _connection(rt, offer)
     wire_requirement = proto.requirement_to_wire(requirement, payload.version)
-    facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
-    asked = payload.wire
     if escrow:  # the facilitator is told which escrow operation: authorize (hold) or charge
+        facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
         asked = escrow_operator.collection_payload(payload.wire, requirement)
-    verdict = facilitator.verify(asked, wire_requirement)
+        verdict = facilitator.verify(asked, wire_requirement)
+    else:
+        # exact, automatic capture: checked here in full, chain included; /settle verifies again
+        # before sending (decision 0011). A hold: the facilitator's /verify vouches for it.
+        verdict = verify_for_claim(
+            rt, ctx, incoming, requirement, wire_requirement, capture=offer.request.capture
+        )
     if not verdict.get("isValid"):
         earlier = _earlier_payment(rt, offer, payload)  # nonce used: by us, for this payer?
         if earlier is not None:
