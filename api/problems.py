@@ -78,18 +78,44 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def connector_error_response(request: Request, exc: ConnectorError) -> JSONResponse:
+    """The problem for a domain error (its status, code, title and context fields)."""
+    extra: dict[str, Any] = {}
+    for key in ("field", "rule", "payment_id", "connection_id", "allowed", "current"):
+        if exc.context.get(key) is not None:
+            extra[key] = exc.context[key]
+    if exc.context.get("field"):
+        extra["errors"] = [{"field": exc.context["field"], "message": exc.detail}]
+    if exc.status >= 500:
+        log.warning("request failed", extra={"code": exc.code, "path": request.url.path})
+    return problem_response(exc.status, exc.code, exc.title, exc.detail, request, **extra)
+
+
+def unexpected_response(request: Request, exc: Exception) -> JSONResponse:
+    """The problem for any other exception: 503 for a lost database connection, else 500."""
+    if is_connection_error(exc):
+        # The database connection dropped before anything committed (a commit that failed
+        # did not happen): nothing was done, the client may simply retry.
+        log.warning("database unavailable", extra={"path": request.url.path})
+        response = problem_response(
+            503,
+            "database_unavailable",
+            "Database unavailable",
+            "the database connection was lost; nothing was changed, retry the request",
+            request,
+        )
+        response.headers["retry-after"] = "1"
+        return response
+    log.error("unhandled error", extra={"path": request.url.path, "error": type(exc).__name__})
+    return problem_response(
+        500, "internal_error", "Internal error", "an unexpected error occurred", request
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ConnectorError)
     async def connector_error(request: Request, exc: ConnectorError) -> JSONResponse:
-        extra: dict[str, Any] = {}
-        for key in ("field", "rule", "payment_id", "connection_id", "allowed", "current"):
-            if exc.context.get(key) is not None:
-                extra[key] = exc.context[key]
-        if exc.context.get("field"):
-            extra["errors"] = [{"field": exc.context["field"], "message": exc.detail}]
-        if exc.status >= 500:
-            log.warning("request failed", extra={"code": exc.code, "path": request.url.path})
-        return problem_response(exc.status, exc.code, exc.title, exc.detail, request, **extra)
+        return connector_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,20 +154,4 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if is_connection_error(exc):
-            # The database connection dropped before anything committed (a commit that failed
-            # did not happen): nothing was done, the client may simply retry.
-            log.warning("database unavailable", extra={"path": request.url.path})
-            response = problem_response(
-                503,
-                "database_unavailable",
-                "Database unavailable",
-                "the database connection was lost; nothing was changed, retry the request",
-                request,
-            )
-            response.headers["retry-after"] = "1"
-            return response
-        log.error("unhandled error", extra={"path": request.url.path, "error": type(exc).__name__})
-        return problem_response(
-            500, "internal_error", "Internal error", "an unexpected error occurred", request
-        )
+        return unexpected_response(request, exc)

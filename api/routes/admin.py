@@ -270,9 +270,7 @@ def list_payments(
 
 
 @router.get("/payments/{payment_id}")
-def get_payment(
-    payment_id: str, _: AdminKey = READ, s: Session = DB_SESSION
-) -> dict[str, Any]:
+def get_payment(payment_id: str, _: AdminKey = READ, s: Session = DB_SESSION) -> dict[str, Any]:
     payment = s.get(Payment, payment_id)
     if payment is None:
         raise NotFound(f"payment {payment_id} not found")
