@@ -87,10 +87,15 @@ class Runtime:
         (:mod:`connector.chain.reads`); SSRF-guarded either way."""
         from connector.chain.reads import PaymentStateReader, lightweight
 
+        key = ("payment-state-reader", rpc_url)
+        found = self._cache.get(key)  # decided once: reading the proxy settings is not free
+        if found is not None:
+            return found
         if not lightweight(rpc_url):
-            return self.chain(rpc_url)
+            chain = self.chain(rpc_url)
+            return self._cached(key, lambda: chain)
         return self._cached(
-            ("payment-state-reader", rpc_url),
+            key,
             lambda: PaymentStateReader(
                 rpc_url, timeout_s=self.settings.rpc_timeout_s, guard=self.outbound()
             ),

@@ -20,14 +20,34 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
-from eth_utils.address import to_checksum_address
-
 from connector.chain import abi
 from connector.chain.client import RpcError
 from connector.facilitator.transport import KeepAliveClient, TransportFailure, proxied
 from connector.net.ssrf import OutboundPolicy
 
 _MAX_ANSWER = 64 * 1024  # two eth_call results are a few hundred bytes
+# The calls' data, ABI-encoded by hand: both take static arguments only (an address, a bytes32),
+# each one 32-byte word, so encoding is padding hex (eth_abi's codec cost more than the call).
+_SELECT_STATE = "0x" + abi.AUTHORIZATION_STATE.hex()
+_SELECT_BALANCE = "0x" + abi.BALANCE_OF.hex()
+_HEX = frozenset("0123456789abcdef")
+
+
+def _word(value: str, digits: int) -> str:
+    """``value`` (0x-hex of ``digits`` digits: an address, a bytes32) as one ABI word."""
+    raw = value.removeprefix("0x").lower()
+    if len(raw) != digits or not _HEX.issuperset(raw):
+        raise ValueError(f"expected {digits} hex digits")
+    return raw.rjust(64, "0")
+
+
+def _uint(result: str) -> int:
+    """A one-word ``eth_call`` result (uint256 or bool). Anything else (no contract at the
+    address answers ``0x``) is not an answer to rely on."""
+    raw = result.removeprefix("0x")
+    if len(raw) != 64 or not _HEX.issuperset(raw.lower()):
+        raise RpcError("RPC eth_call answered an unexpected value", rpc_method="eth_call")
+    return int(raw, 16)
 
 
 class PaymentStateReader:
@@ -56,31 +76,21 @@ class PaymentStateReader:
         self, asset: str, authorizer: str, nonce: str
     ) -> tuple[bool, int]:
         """Whether ``nonce`` of ``authorizer`` is used on ``asset``, and its balance there."""
-        owner = to_checksum_address(authorizer)
-        state = abi.call_data(
-            abi.AUTHORIZATION_STATE,
-            ["address", "bytes32"],
-            [owner, bytes.fromhex(nonce.removeprefix("0x"))],
-        )
-        balance = abi.call_data(abi.BALANCE_OF, ["address"], [owner])
-        used, amount = self._calls(asset, [state, balance])
-        value = abi.decode_one("uint256", str(amount))
-        assert isinstance(value, int)
-        return bool(abi.decode_one("bool", str(used))), value
+        owner = _word(authorizer, 40)
+        state = _SELECT_STATE + owner + _word(nonce, 64)
+        used, amount = self._calls(asset, [state, _SELECT_BALANCE + owner])
+        return _uint(used) != 0, _uint(amount)
 
     # The verifier's TokenStateReader protocol.
     def authorization_used(self, asset: str, authorizer: str, nonce: str) -> bool:
         return self.authorization_and_balance(asset, authorizer, nonce)[0]
 
     def balance_of(self, asset: str, owner: str) -> int:
-        data = abi.call_data(abi.BALANCE_OF, ["address"], [to_checksum_address(owner)])
-        value = abi.decode_one("uint256", str(self._calls(asset, [data])[0]))
-        assert isinstance(value, int)
-        return value
+        return _uint(self._calls(asset, [_SELECT_BALANCE + _word(owner, 40)])[0])
 
     def _calls(self, asset: str, data: list[str]) -> list[Any]:
         """``eth_call`` each of ``data`` on ``asset`` at the latest block, as one batch."""
-        to = to_checksum_address(asset)
+        to = "0x" + _word(asset, 40)[24:]
         calls = [
             {"jsonrpc": "2.0", "id": i, "method": "eth_call",
              "params": [{"to": to, "data": d}, "latest"]}
