@@ -6,6 +6,9 @@ Two figures, each ours vs the SDK in the same run:
 * **paid** requests, pre-signed (one fresh EIP-3009 authorization each, from nine payers), through
   the *same* facilitator (ours, in its own process): payments/s and p95.
 
+Both at each load-generator concurrency of ``BENCH_CONCURRENCY`` (comma-separated, default
+``4,32``): at 4 connections the per-request work decides, at 32 the queuing.
+
 Method: each server is one uvicorn process (``--no-access-log``; ours with warnings-only logs)
 on loopback; the load comes from a separate process (``bench/load.py``, raw asyncio HTTP/1.1
 keep-alive connections). Every run gets a fresh anvil and a fresh facilitator (anvil slows as its
@@ -66,7 +69,11 @@ ADMIN_DSN = os.environ.get("X402C_TEST_PG_DSN", "postgresql://postgres@127.0.0.1
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMOKE else "3"))
 UNPAID_S = float(os.environ.get("BENCH_UNPAID_S", "0.5" if SMOKE else "5"))
 PAID_N = int(os.environ.get("BENCH_PAID_N", "6" if SMOKE else "300"))
-CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "4" if SMOKE else "32"))
+#: Connections of the load generator, one measurement each (comma-separated): low concurrency is
+#: where per-request work shows, high concurrency where queuing and locks do.
+CONCURRENCIES = [
+    int(c) for c in os.environ.get("BENCH_CONCURRENCY", "2,4" if SMOKE else "4,32").split(",")
+]
 ROOT = Path(__file__).resolve().parents[1]
 AMOUNT = 1
 
@@ -169,9 +176,9 @@ def sdk_server(chain: Chain, pay_to: str) -> Iterator[str]:
 
 
 @contextmanager
-def our_server(rt: Runtime, env: dict[str, str], chain: Chain, pay_to: LocalAccount) -> Iterator[
-    str
-]:
+def our_server(
+    rt: Runtime, env: dict[str, str], chain: Chain, pay_to: LocalAccount
+) -> Iterator[str]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with transaction(rt.engine) as s:
@@ -231,15 +238,15 @@ def presign(url: str, payers: list[LocalAccount], n: int) -> list[dict[str, str]
     return headers
 
 
-def measure(url: str, chain: Chain, payee: str) -> Run:
-    load({"url": url, "concurrency": CONCURRENCY, "duration_s": min(1.0, UNPAID_S)})  # warm-up
-    unpaid = load({"url": url, "concurrency": CONCURRENCY, "duration_s": UNPAID_S})
+def measure(url: str, chain: Chain, payee: str, concurrency: int) -> Run:
+    load({"url": url, "concurrency": concurrency, "duration_s": min(1.0, UNPAID_S)})  # warm-up
+    unpaid = load({"url": url, "concurrency": concurrency, "duration_s": UNPAID_S})
     if set(unpaid["statuses"]) != {"402"}:
         raise SystemExit(f"unpaid run answered {unpaid['statuses']}")
     headers = presign(url, chain.accounts[1:10], PAID_N)
     client = ChainClient(chain.info.rpc_url)
     before = client.token_balance(chain.info.token, payee)
-    paid = load({"url": url, "concurrency": CONCURRENCY, "headers": headers})
+    paid = load({"url": url, "concurrency": concurrency, "headers": headers})
     after = client.token_balance(chain.info.token, payee)
     client.close()
     if paid["statuses"] != {"200": PAID_N}:
@@ -277,81 +284,89 @@ def main() -> None:
             "X402C_LOG_LEVEL": "WARNING",
             "X402C_DATA_DIR": str(settings.data_dir),
         }
-        runs: dict[str, list[Run]] = {"sdk": [], "ours": []}
+        runs: dict[tuple[str, int], list[Run]] = {}
         for i in range(ROUNDS):
-            for impl in ("sdk", "ours") if i % 2 == 0 else ("ours", "sdk"):
-                payee = dev_accounts(20)[15 if impl == "ours" else 16]
-                with fresh_chain() as chain:
-                    server = (
-                        our_server(rt, env, chain, payee)
-                        if impl == "ours"
-                        else sdk_server(chain, payee.address)
+            for concurrency in CONCURRENCIES:
+                for impl in ("sdk", "ours") if i % 2 == 0 else ("ours", "sdk"):
+                    payee = dev_accounts(20)[15 if impl == "ours" else 16]
+                    with fresh_chain() as chain:
+                        server = (
+                            our_server(rt, env, chain, payee)
+                            if impl == "ours"
+                            else sdk_server(chain, payee.address)
+                        )
+                        with server as target:
+                            run = measure(target, chain, payee.address, concurrency)
+                    runs.setdefault((impl, concurrency), []).append(run)
+                    print(
+                        f"  round {i + 1} c={concurrency:<3d} {impl:4s}: unpaid "
+                        f"{run.unpaid_rate:7.0f}/s p50 {run.unpaid_p50:6.1f} ms | paid "
+                        f"{run.paid_rate:6.1f}/s p95 {run.paid_p95:6.0f} ms",
+                        flush=True,
                     )
-                    with server as target:
-                        run = measure(target, chain, payee.address)
-                runs[impl].append(run)
-                print(
-                    f"  round {i + 1} {impl:4s}: unpaid {run.unpaid_rate:7.0f}/s "
-                    f"p50 {run.unpaid_p50:6.1f} ms | paid {run.paid_rate:6.1f}/s "
-                    f"p95 {run.paid_p95:6.0f} ms",
-                    flush=True,
-                )
+        expected = ROUNDS * len(CONCURRENCIES) * PAID_N
         with transaction(rt.engine) as s:
             settled = s.execute(
                 select(func.count()).where(col(Payment.state) == "settled")
             ).scalar_one()
-        if settled != ROUNDS * PAID_N:
-            raise SystemExit(f"database shows {settled} settled, expected {ROUNDS * PAID_N}")
+        if settled != expected:
+            raise SystemExit(f"database shows {settled} settled, expected {expected}")
         report(runs)
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
-def report(runs: dict[str, list[Run]]) -> None:
-    def med(impl: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in runs[impl])
+def report(runs: dict[tuple[str, int], list[Run]]) -> None:
+    print(
+        f"paywall, 1 uvicorn process each, {ROUNDS} interleaved rounds (fresh anvil + facilitator "
+        "per run), medians; ratios = medians of per-round ratios"
+    )
 
-    unpaid_ratio = statistics.median(
-        o.unpaid_rate / s.unpaid_rate for o, s in zip(runs["ours"], runs["sdk"], strict=True)
-    )
-    paid_ratio = statistics.median(
-        o.paid_rate / s.paid_rate for o, s in zip(runs["ours"], runs["sdk"], strict=True)
-    )
-    print(
-        f"paywall, 1 uvicorn process each, {CONCURRENCY} connections, {ROUNDS} interleaved rounds "
-        f"(fresh anvil + facilitator per run), medians; ratios = medians of per-round ratios"
-    )
-    print(
-        f"  unpaid -> 402: ours {med('ours', 'unpaid_rate'):7.0f}/s p50 "
-        f"{med('ours', 'unpaid_p50'):5.1f} ms | SDK {med('sdk', 'unpaid_rate'):7.0f}/s p50 "
-        f"{med('sdk', 'unpaid_p50'):5.1f} ms | {unpaid_ratio:.2f}x"
-    )
-    print(
-        f"  paid ({PAID_N} pre-signed): ours {med('ours', 'paid_rate'):6.1f}/s p95 "
-        f"{med('ours', 'paid_p95'):5.0f} ms | SDK {med('sdk', 'paid_rate'):6.1f}/s p95 "
-        f"{med('sdk', 'paid_p95'):5.0f} ms | {paid_ratio:.2f}x"
-    )
-    record.write(
-        "paywall",
-        [
+    def med(which: list[Run], attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in which)
+
+    def ratio(ours: list[Run], sdk: list[Run], attr: str) -> float:
+        pairs = zip(ours, sdk, strict=True)
+        return statistics.median(getattr(o, attr) / getattr(s, attr) for o, s in pairs)
+
+    unpaid_rows, paid_rows = [], []
+    for c in CONCURRENCIES:
+        ours, sdk = runs[("ours", c)], runs[("sdk", c)]
+        unpaid_ratio, paid_ratio = ratio(ours, sdk, "unpaid_rate"), ratio(ours, sdk, "paid_rate")
+        rounds = ", ".join(
+            f"{o.paid_rate:.0f} vs {s.paid_rate:.0f}" for o, s in zip(ours, sdk, strict=True)
+        )
+        print(
+            f"  c={c:<3d} unpaid -> 402: ours {med(ours, 'unpaid_rate'):7.0f}/s p50 "
+            f"{med(ours, 'unpaid_p50'):5.1f} ms | SDK {med(sdk, 'unpaid_rate'):7.0f}/s p50 "
+            f"{med(sdk, 'unpaid_p50'):5.1f} ms | {unpaid_ratio:.2f}x"
+        )
+        print(
+            f"  c={c:<3d} paid ({PAID_N} pre-signed): ours {med(ours, 'paid_rate'):6.1f}/s p95 "
+            f"{med(ours, 'paid_p95'):5.0f} ms | SDK {med(sdk, 'paid_rate'):6.1f}/s p95 "
+            f"{med(sdk, 'paid_p95'):5.0f} ms | {paid_ratio:.2f}x (rounds, ours vs SDK: {rounds})"
+        )
+        unpaid_rows.append(
             record.row(
-                f"paywall: unpaid request -> 402 (1 uvicorn process, {CONCURRENCY} connections)",
-                f"{med('ours', 'unpaid_rate'):,.0f} req/s, p50 {med('ours', 'unpaid_p50'):.1f} ms",
-                f"SDK FastAPI payment_middleware {med('sdk', 'unpaid_rate'):,.0f} req/s, "
-                f"p50 {med('sdk', 'unpaid_p50'):.1f} ms",
+                f"paywall: unpaid request -> 402 (1 uvicorn process, {c} connections)",
+                f"{med(ours, 'unpaid_rate'):,.0f} req/s, p50 {med(ours, 'unpaid_p50'):.1f} ms",
+                f"SDK FastAPI payment_middleware {med(sdk, 'unpaid_rate'):,.0f} req/s, "
+                f"p50 {med(sdk, 'unpaid_p50'):.1f} ms",
                 unpaid_ratio,
-            ),
+            )
+        )
+        paid_rows.append(
             record.row(
-                "paywall: paid request, pre-signed, same facilitator",
-                f"{med('ours', 'paid_rate'):,.1f}/s, p95 {med('ours', 'paid_p95'):,.0f} ms",
-                f"SDK FastAPI payment_middleware {med('sdk', 'paid_rate'):,.1f}/s, "
-                f"p95 {med('sdk', 'paid_p95'):,.0f} ms",
+                f"paywall: paid request, pre-signed, same facilitator, {c} connections "
+                f"(median of {ROUNDS} rounds; rounds/s ours vs SDK: {rounds})",
+                f"{med(ours, 'paid_rate'):,.1f}/s, p95 {med(ours, 'paid_p95'):,.0f} ms",
+                f"SDK FastAPI payment_middleware {med(sdk, 'paid_rate'):,.1f}/s, "
+                f"p95 {med(sdk, 'paid_p95'):,.0f} ms",
                 paid_ratio,
-            ),
-        ],
-        smoke=SMOKE,
-    )
+            )
+        )
+    record.write("paywall", unpaid_rows + paid_rows, smoke=SMOKE)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,12 @@ def test_bench_verify_smoke(tmp_path: Path) -> None:
 @pytest.mark.postgres
 @pytest.mark.xdist_group("bench")
 def test_bench_paywall_smoke(tmp_path: Path) -> None:
-    out, _ = run_bench("paywall", tmp_path)
+    out, recorded = run_bench("paywall", tmp_path)
     assert "unpaid -> 402" in out and "paid (" in out
+    rows: list[dict[str, object]] = recorded["rows"]  # type: ignore[assignment]
+    whats = [str(r["what"]) for r in rows]
+    for connections in ("2 connections", "4 connections"):  # a row per concurrency, both kinds
+        assert sum(connections in w for w in whats) == 2, whats
 
 
 @pytest.mark.slow
