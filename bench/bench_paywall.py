@@ -250,7 +250,10 @@ def measure(url: str, chain: Chain, payee: str, concurrency: int) -> Run:
     after = client.token_balance(chain.info.token, payee)
     client.close()
     if paid["statuses"] != {"200": PAID_N}:
-        raise SystemExit(f"paid run answered {paid['statuses']}")
+        answers = "\n---\n".join(paid["unexpected"])
+        raise SystemExit(
+            f"paid run at {url} answered {paid['statuses']}; first of them:\n{answers}"
+        )
     if after - before != PAID_N * AMOUNT:
         raise SystemExit(f"on-chain {after - before} != {PAID_N * AMOUNT} paid")
     return Run(

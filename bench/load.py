@@ -5,7 +5,8 @@ costs little CPU next to the server it measures). Reads a JSON job on stdin:
 ``{"url", "concurrency", "duration_s" | null, "headers": [ {name: value}, ... ] | null,
 "count": int | null}`` — with ``headers``, request *i* carries ``headers[i]`` (one pre-signed
 payment each) and the run ends when all are sent; otherwise it runs for ``duration_s``.
-Prints ``{"count", "elapsed_s", "statuses": {code: n}, "latencies_ms": [...]}``.
+Prints ``{"count", "elapsed_s", "statuses": {code: n}, "latencies_ms": [...], "unexpected":
+[the first few answers that were not 200 to a paid request (or neither 200 nor 402), whole]}``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 async def one_connection(
     host: str, port: int, path: str, jobs: asyncio.Queue[dict[str, str] | None],
-    stop_at: float | None, out: list[tuple[int, float]],
+    stop_at: float | None, out: list[tuple[int, float]], odd: list[str],
 ) -> None:  # fmt: skip
     reader, writer = await asyncio.open_connection(host, port)
     base = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -39,9 +40,11 @@ async def one_connection(
             for line in head.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            body = await reader.readexactly(length) if length else b""
             out.append((status, (time.perf_counter() - t0) * 1000))
+            expected = (200,) if extra else (200, 402)  # a paid request must be served
+            if status not in expected and len(odd) < 5:
+                odd.append((head + body).decode("latin-1")[:1500])
     finally:
         writer.close()
 
@@ -54,11 +57,12 @@ async def run(job: dict) -> dict:  # type: ignore[type-arg]
     for h in job.get("headers") or []:
         jobs.put_nowait(h)
     out: list[tuple[int, float]] = []
+    odd: list[str] = []  # the first few unexpected answers, whole, for the bench to report
     start = time.perf_counter()
     stop_at = start + job["duration_s"] if job.get("duration_s") else None
     await asyncio.gather(
         *(
-            one_connection(host, port, url.path, jobs, stop_at, out)
+            one_connection(host, port, url.path, jobs, stop_at, out, odd)
             for _ in range(job["concurrency"])
         )
     )
@@ -71,6 +75,7 @@ async def run(job: dict) -> dict:  # type: ignore[type-arg]
         "elapsed_s": elapsed,
         "statuses": statuses,
         "latencies_ms": [round(ms, 3) for _, ms in out],
+        "unexpected": odd,
     }
 
 
