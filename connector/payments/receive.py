@@ -2,8 +2,10 @@
 
 A payment request (``prq_…``) is an offer: price, asset, network, capture mode. Its paywall URL
 answers every x402 client: without payment, 402 carrying both the v2 ``PAYMENT-REQUIRED`` header
-and the v1 JSON body; with payment, verify through the facilitator, then settle (automatic
-capture) or hold (manual capture), then deliver the resource with the settlement header.
+and the v1 JSON body; with payment, verify (automatic capture: here, in full, chain included,
+:mod:`connector.payments.preverify`; manual capture: through the facilitator), then settle
+(automatic capture) or hold (manual capture), then deliver the resource with the settlement
+header.
 
 A single-use request can be paid once: the slot is claimed with a conditional update
 (``paid_count < max_payments``) *before* any settlement, so a second payer is refused before
