@@ -23,9 +23,10 @@ from connector.payments.machine import Step, advance_alone, insert_payment_guard
 from connector.payments.states import PaymentState as S
 from connector.runtime import Runtime
 from connector.settings import Settings
-from connector.storage.db import UnitOfWork, one_connection, transaction
+from connector.storage.db import UnitOfWork, make_engine, one_connection, transaction
 from connector.storage.models.events import Event
 from connector.storage.models.payments import Payment, PaymentRequest
+from tests.fixtures.db import _truncate, create_schema
 
 pytestmark = [pytest.mark.postgres]
 
@@ -34,9 +35,11 @@ STEPS = [Step(S.AUTHORIZED, {"hold_expires_at": None}), Step(S.SETTLING, {"settl
 
 
 @pytest.fixture
-def pg(engine: Engine) -> Iterator[Engine]:
-    if engine.dialect.name != "postgresql":
-        pytest.skip("one-statement writes are PostgreSQL's (data-modifying WITH)")
+def pg(pg_database: str) -> Iterator[Engine]:
+    """PostgreSQL only: SQLite has no data-modifying WITH (callers use units of work there)."""
+    engine = make_engine(pg_database)
+    create_schema(engine)
+    _truncate(engine)
     with transaction(engine) as s:
         s.add(
             PaymentRequest(
@@ -45,7 +48,10 @@ def pg(engine: Engine) -> Iterator[Engine]:
                 token_version="1", max_payments=2,
             )
         )  # fmt: skip
-    yield engine
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def incoming(**fields: Any) -> Payment:

@@ -173,7 +173,9 @@ def test_manual_capture_still_asks_the_facilitator_to_verify(
     accounts: list[LocalAccount],
 ) -> None:  # fmt: skip
     with counted(local_facilitator) as (fac, calls), paywall_app(engine, tmp_path) as (rt, srv):
-        rid = offer(rt, seller_connection(rt, chain, accounts[15], fac), capture="manual")
+        rid = offer(
+            rt, seller_connection(rt, chain, accounts[15], fac), capture="manual", scheme="exact"
+        )
         first = httpx.get(url_of(srv, rid))
         held = httpx.get(url_of(srv, rid), headers=pay_header(accounts[6], first), timeout=30)
         assert held.status_code == 200, held.text
