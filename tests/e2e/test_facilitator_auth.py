@@ -195,12 +195,14 @@ def test_per_request_jwt_auth_is_accepted_by_a_checking_facilitator(
         assert secret not in json.dumps(view)
         paid = _sell_and_pay(seller, buyer)
         assert paid["payment"]["state"] == "settled", paid
-        assert guarded.hits[-2:] == ["/verify", "/settle"]
+        # An automatically captured exact payment: the paywall verifies it itself and asks
+        # only /settle (decision 0011).
+        assert guarded.hits[-1:] == ["/settle"] and "/verify" not in guarded.hits
         assert checker.refused == []
-        # one fresh token per request, each bound to its own path
+        # a token per request, bound to its own path
         uris = [c["uris"][0].split(" ", 1)[0] + " " + c["uris"][0].rsplit("/", 1)[1]
                 for c in checker.accepted]  # fmt: skip
-        assert uris == ["POST verify", "POST settle"]
+        assert uris == ["POST settle"]
 
 
 def test_a_wrong_jwt_secret_is_refused_by_the_facilitator(stack: Stack) -> None:
@@ -230,7 +232,7 @@ def test_bearer_and_no_auth(stack: Stack, buyer: Agent, mode: str) -> None:
         view = buyer.http.get(f"/v1/admin/connections/{seller.connection_id}").json()
         assert view["facilitator_auth"] == mode
         assert _sell_and_pay(seller, buyer)["payment"]["state"] == "settled"
-        assert guarded.hits[-2:] == ["/verify", "/settle"]
+        assert guarded.hits[-1:] == ["/settle"]  # no /verify: decision 0011
 
 
 def test_jwt_tokens_are_bound_to_method_and_url_and_unique() -> None:
