@@ -1,6 +1,6 @@
 """The two chain reads that verify an EIP-3009 payment, over the standard library's HTTP client.
 
-A paywall checks every automatically captured payment itself (decision 0011): is the
+A paywall checks every automatically captured payment itself (decision 0012): is the
 authorization's nonce unused, does the payer hold the amount. That is one JSON-RPC batch of two
 ``eth_call`` per paid request, so its client's CPU is paid on every payment: httpx spends about
 twice what pooled ``http.client`` does per small JSON request here (the facilitator client made

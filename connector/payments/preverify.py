@@ -1,4 +1,4 @@
-"""The paywall's check of an ``exact`` payment before it claims a slot (decision 0011).
+"""The paywall's check of an ``exact`` payment before it claims a slot (decision 0012).
 
 With **automatic capture** the facilitator's ``/settle`` verifies the payment again before it
 sends anything, so asking ``/verify`` first only repeats that work one HTTP round trip earlier.

@@ -267,7 +267,7 @@ def handle_paywall(
         verdict = facilitator.verify(asked, wire_requirement)
     else:
         # exact, automatic capture: checked here in full, chain included; /settle verifies again
-        # before sending (decision 0011). A hold: the facilitator's /verify vouches for it.
+        # before sending (decision 0012). A hold: the facilitator's /verify vouches for it.
         verdict = verify_for_claim(
             rt, ctx, incoming, requirement, wire_requirement, capture=offer.request.capture
         )

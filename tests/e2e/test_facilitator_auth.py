@@ -196,7 +196,7 @@ def test_per_request_jwt_auth_is_accepted_by_a_checking_facilitator(
         paid = _sell_and_pay(seller, buyer)
         assert paid["payment"]["state"] == "settled", paid
         # An automatically captured exact payment: the paywall verifies it itself and asks
-        # only /settle (decision 0011).
+        # only /settle (decision 0012).
         assert guarded.hits[-1:] == ["/settle"] and "/verify" not in guarded.hits
         assert checker.refused == []
         # a token per request, bound to its own path
@@ -232,7 +232,7 @@ def test_bearer_and_no_auth(stack: Stack, buyer: Agent, mode: str) -> None:
         view = buyer.http.get(f"/v1/admin/connections/{seller.connection_id}").json()
         assert view["facilitator_auth"] == mode
         assert _sell_and_pay(seller, buyer)["payment"]["state"] == "settled"
-        assert guarded.hits[-1:] == ["/settle"]  # no /verify: decision 0011
+        assert guarded.hits[-1:] == ["/settle"]  # no /verify: decision 0012
 
 
 def test_jwt_tokens_are_bound_to_method_and_url_and_unique() -> None:

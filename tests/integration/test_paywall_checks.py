@@ -1,4 +1,4 @@
-"""The paywall's own check of an automatically captured payment (decision 0011), and the paid
+"""The paywall's own check of an automatically captured payment (decision 0012), and the paid
 path's fast lane through the ASGI app.
 
 With automatic capture the paywall verifies a payment itself (signature, amounts, deadlines,
