@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,6 +56,9 @@ RECONCILE_BATCH = 500
 #: How long after its deadline a failed payment's authorization is still checked on-chain.
 LATE_WINDOW = timedelta(hours=1)
 APPROVAL_TTL = timedelta(hours=24)
+#: Consecutive reconcile passes that could not read a chain's escrow before it is a warning.
+UNREADABLE_PASSES_TO_WARN = 3
+
 #: Escrow payments the reconciler keeps reading: a collection in flight, or money the escrow may
 #: still move (held: capture, void, reclaim; captured: refund).
 ESCROW_WATCHED = (S.SETTLING, S.AUTHORIZED, S.CAPTURED, S.PARTIALLY_REFUNDED)
@@ -280,11 +284,27 @@ def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
         by_chain.setdefault(ctx.rpc_url, []).append((payment, ctx))
     changed = 0
     for rpc_url, group in by_chain.items():
+        failures: dict[str, int] = rt._cached(("escrow_unreadable_passes",), dict)
         try:
             read = escrow_sync.read_many(rt.chain(rpc_url), [payment for payment, _ in group])
-        except ExternalServiceError:
-            log.warning("reconcile: escrow unreadable", extra={"payments": len(group)})
+        except ExternalServiceError as exc:
+            failures[rpc_url] = failures.get(rpc_url, 0) + 1
+            # One missed pass is routine (a slow node, a restart): the next pass reads it, and
+            # nothing is decided from a failed read. Persistent failure is the operator's business.
+            level = (
+                logging.WARNING if failures[rpc_url] >= UNREADABLE_PASSES_TO_WARN else logging.INFO
+            )
+            log.log(
+                level,
+                "reconcile: escrow unreadable",
+                extra={
+                    "payments": len(group),
+                    "error": type(exc).__name__,
+                    "consecutive_passes": failures[rpc_url],
+                },
+            )
             continue
+        failures.pop(rpc_url, None)
         for payment, ctx in group:
             changed += _reconcile_one_escrow(rt, ctx, payment, read[payment.id], now)
     return changed

@@ -508,3 +508,42 @@ def _fund_operator_refund(rig: FaultRig, amount: int, minter: LocalAccount) -> N
     )
     collector = ac.DEFAULT_DEPLOYMENT.operator_refund_collector
     approve(rig.client, rig.chain.token, rig.gas_key, collector, amount)
+
+
+def test_an_unreadable_escrow_is_a_warning_only_when_it_persists(
+    rig: FaultRig, accounts: list[LocalAccount], monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """One failed read is routine (the next pass reads it) and decides nothing; the operator is
+    warned once reads keep failing, and a good read resets the count."""
+    import logging
+
+    from connector.errors import ExternalServiceError
+
+    conn = rig.connection(accounts[5])
+    with shop(rig, accounts[12].address, amount=10_000) as seller:
+        job, _ = pay(rig, conn, seller.url)
+    payment = rig.payment_of(job)
+    real = maintenance.escrow_sync.read_many
+
+    def unreadable(*_: Any, **__: Any) -> Any:
+        raise ExternalServiceError("node timed out")
+
+    def levels() -> list[int]:
+        return [
+            r.levelno for r in caplog.records if r.getMessage() == "reconcile: escrow unreadable"
+        ]
+
+    caplog.set_level(logging.INFO, logger="connector")
+    monkeypatch.setattr(maintenance.escrow_sync, "read_many", unreadable)
+    for _ in range(maintenance.UNREADABLE_PASSES_TO_WARN):
+        maintenance.reconcile(rig.rt, now=later())
+    assert levels() == [logging.INFO] * (maintenance.UNREADABLE_PASSES_TO_WARN - 1) + [
+        logging.WARNING
+    ]
+    assert rig.payment_of(job).version == payment.version  # a failed read decided nothing
+    monkeypatch.setattr(maintenance.escrow_sync, "read_many", real)
+    maintenance.reconcile(rig.rt, now=later())  # a good read resets the count
+    monkeypatch.setattr(maintenance.escrow_sync, "read_many", unreadable)
+    caplog.clear()
+    maintenance.reconcile(rig.rt, now=later())
+    assert levels() == [logging.INFO]
