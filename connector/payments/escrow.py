@@ -19,9 +19,8 @@ from connector.payments import escrow_operator, offers
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
-from connector.payments.receive import give_back_slot, settle_incoming
+from connector.payments.receive import end_unmoved, settle_incoming
 from connector.payments.states import PaymentState, check_transition
-from connector.policy import budgets
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment
@@ -56,10 +55,7 @@ def void(
         payment = uow.session.get(Payment, payment_id)
         if payment is None or payment.connection_id != ctx.id:
             raise NotFound(f"payment {payment_id} not found")
-        transition(uow.session, payment, S.VOIDED)
-        if payment.direction == "outgoing":
-            budgets.release(uow.session, payment.id)
-        give_back_slot(uow.session, payment)  # a voided hold frees its paywall slot
+        end_unmoved(uow.session, payment, S.VOIDED)
         uow.commit()
     if payment.payment_request_id:
         offers.cache_for(rt).forget_state(payment.payment_request_id)

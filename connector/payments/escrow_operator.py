@@ -52,7 +52,7 @@ from connector.ids import new_id
 from connector.logs import get_logger
 from connector.payments.context import ConnectionContext
 from connector.payments.escrow_ledger import apply_escrow_events, totals_of
-from connector.payments.machine import transition, update_fields
+from connector.payments.machine import update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.states import PaymentState
 from connector.runtime import Runtime
@@ -467,20 +467,18 @@ def _remember_tx(rt: Runtime, payment_id: str, tx_hash: str | None) -> Payment:
 
 def _fail_collection(rt: Runtime, payment_id: str, reason: str) -> Payment:
     from connector.payments import offers
-    from connector.payments.receive import give_back_slot
+    from connector.payments.receive import end_unmoved
 
     def work(session: Session, payment: Payment) -> Payment:
         if payment.state != S.SETTLING.value:
             return payment  # decided by someone else meanwhile
-        transition(
+        return end_unmoved(
             session,
             payment,
             S.FAILED,
             failure_code="settlement_failed",
             failure_reason=reason[:1000],
         )
-        give_back_slot(session, payment)
-        return payment
 
     payment = _in_session(rt, payment_id, work)
     if payment.payment_request_id and payment.state == S.FAILED.value:

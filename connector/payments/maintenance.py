@@ -37,7 +37,7 @@ from connector.payments import escrow_ledger, escrow_onchain, escrow_sync
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import transition, update_fields
 from connector.payments.onchain import authorization_used, can_never_move
-from connector.payments.receive import give_back_slot
+from connector.payments.receive import end_unmoved
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.policy import budgets
@@ -129,9 +129,7 @@ def expire_holds(rt: Runtime, now: datetime | None = None) -> int:
                         )
                         uow.commit()
                     continue
-                transition(uow.session, current, S.EXPIRED, now=now)
-                budgets.release(uow.session, current.id)
-                give_back_slot(uow.session, current)  # an expired hold frees its paywall slot
+                end_unmoved(uow.session, current, S.EXPIRED, now=now)
                 uow.commit()
                 changed += 1
         except (ConcurrentUpdate, IllegalTransition):
@@ -197,7 +195,7 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
                     budgets.confirm(uow.session, current.id)
                     _report_to_jobs(uow.session, current)
                 elif dead:
-                    transition(
+                    end_unmoved(
                         uow.session,
                         current,
                         S.FAILED,
@@ -205,8 +203,6 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
                         failure_code="authorization_expired",
                         failure_reason="authorization expired unused while settling",
                     )
-                    budgets.release(uow.session, current.id)
-                    give_back_slot(uow.session, current)  # a paywall's claim, if incoming
                 else:
                     rt.dispatch("x402c.drive_payment", (current.id,))
                     continue
@@ -351,7 +347,7 @@ def _reconcile_one_escrow(
             if not dead:
                 rt.dispatch("x402c.drive_payment", (current.id,))
                 return 0
-            transition(
+            end_unmoved(
                 uow.session,
                 current,
                 S.FAILED,
@@ -359,8 +355,6 @@ def _reconcile_one_escrow(
                 failure_code="authorization_expired",
                 failure_reason="escrow collection's authorization expired unused",
             )
-            budgets.release(uow.session, current.id)
-            give_back_slot(uow.session, current)  # a paywall's claim, if incoming
             uow.commit()
             return 1
     except (ConcurrentUpdate, IllegalTransition):

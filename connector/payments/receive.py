@@ -49,6 +49,7 @@ from connector.payments.machine import (
 from connector.payments.onchain import SETTLEMENT_PENDING, outcome
 from connector.payments.preverify import verify_for_claim
 from connector.payments.states import PaymentState
+from connector.policy import budgets
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment, PaymentRequest
@@ -430,6 +431,30 @@ def _deliver(offer: offers.Offer, payment: Payment, settlement: dict[str, Any]) 
     return PaywallAnswer(200, headers, body, None, payment.id)
 
 
+#: Final states in which no money moved: what the payment held is freed when it enters them.
+UNMOVED = frozenset({S.FAILED, S.EXPIRED, S.VOIDED})
+
+
+def end_unmoved(
+    session: Session,
+    payment: Payment,
+    target: PaymentState,
+    *,
+    now: datetime | None = None,
+    **changes: Any,
+) -> Payment:
+    """End a payment where no money moved (failed, expired, voided) and free what it held: an
+    outgoing payment's budget reservation, an incoming one's paywall slot. One call, in the
+    caller's transaction, so the freeing happens exactly once, with the transition."""
+    if target not in UNMOVED:
+        raise ValueError(f"{target} is not a state where nothing moved")
+    transition(session, payment, target, now=now, **changes)
+    if payment.direction == "outgoing":
+        budgets.release(session, payment.id)
+    give_back_slot(session, payment)
+    return payment
+
+
 def give_back_slot(session: Session, payment: Payment) -> None:
     """Free the paywall slot a definitely failed incoming payment held (in the caller's
     transaction, the one that marks the payment failed, so it happens exactly once)."""
@@ -528,11 +553,10 @@ def _record_settlement(
         if tx_hash and tx_hash != payment.tx_hash:
             update_fields(session, payment, tx_hash=tx_hash)
     else:
-        transition(
+        end_unmoved(
             session,
             payment,
             S.FAILED,
             failure_code="settlement_failed",
             failure_reason=reason[:1000],
         )
-        give_back_slot(session, payment)
