@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from celery.contrib.testing.worker import start_worker
 
@@ -38,20 +39,33 @@ def embedded_worker(rt: Runtime, concurrency: int = 4) -> Iterator[None]:
 
     worker_runtime.install(rt)
     wire(rt, celery_app)
-    with start_worker(
-        celery_app,
-        pool="threads",
-        concurrency=concurrency,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=10.0,
-        hostname="embedded@x402c",
-    ):
-        stop = threading.Event()
-        beat = threading.Thread(target=_periodic, args=(stop,), name="embedded-beat", daemon=True)
-        beat.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            beat.join(timeout=5)
+    pools: list[Any] = []
+    try:
+        with start_worker(
+            celery_app,
+            pool="threads",
+            concurrency=concurrency,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=10.0,
+            hostname="embedded@x402c",
+        ) as worker:
+            pools.append(worker.pool)
+            stop = threading.Event()
+            beat = threading.Thread(
+                target=_periodic, args=(stop,), name="embedded-beat", daemon=True
+            )
+            beat.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                beat.join(timeout=5)
+    finally:
+        # Celery's test worker stops cold: its thread pool is left without waiting, so a task
+        # still running (a reconcile pass, a send) would go on using the runtime after our
+        # caller closed it. Wait for those tasks; queued ones that never started are dropped.
+        for pool in pools:
+            executor = getattr(pool, "executor", None)
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
