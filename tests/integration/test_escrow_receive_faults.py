@@ -169,9 +169,17 @@ def test_the_escrow_offer_is_fixed_at_creation_and_served_from_memory(
     assert created + 4_000 <= extra.capture_deadline <= int(time.time()) + 4_000
     assert extra.refund_deadline == extra.capture_deadline + 7 * 24 * 3600
     assert spec["extra"]["autoCapture"] is True
+    started = time.monotonic()
     with counting_statements(rt.engine) as statements:
         again = [httpx.get(url_of(server, rid)) for _ in range(10)]
-    assert statements == []  # no read, no write: the offer never changes
+    windows = (time.monotonic() - started) / rt.settings.paywall_state_ttl_s
+    # The offer itself is never read again and nothing is written. Only the request's state
+    # (paid out? voided?) is re-read, at most once per state-cache window: a loaded machine may
+    # take longer than one window for these ten requests.
+    assert all(
+        s.lstrip().upper().startswith("SELECT") and "payment_requests" in s for s in statements
+    ), statements
+    assert len(statements) <= int(windows) + 1, (len(statements), windows)
     assert {r.headers["payment-required"] for r in again} == {first.headers["payment-required"]}
 
 
