@@ -17,6 +17,12 @@ A waiting job follows its payment: whichever code moves the payment on (an appro
 reconciler, a later settle attempt) calls :func:`follow_payment` in the same transaction, so the
 job's status never disagrees with the payment's state. The mapping from payment state to job
 status is :data:`SEND_STATUS`; the docs' table is checked against it.
+
+A finished ``send`` or ``release`` keeps following its payment when the chain contradicts what
+it reported (docs/decisions/0013): a reorganization that removes the settlement leaves the job
+``succeeded`` with its result showing the payment back in ``settling``, then settled again (new
+transaction hash) or, if it can never settle any more, ``failed`` with ``settlement_reverted``;
+a failed ``send`` whose money turns out to have moved becomes ``succeeded``.
 """
 
 from __future__ import annotations
@@ -41,10 +47,15 @@ REQUIRES_APPROVAL = "requires_approval"
 PENDING = "pending"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
-#: Final statuses: the result and error never change again.
+#: Final statuses: no worker runs the job again. Only the chain contradicting the outcome
+#: changes one (see :func:`follow_payment`): a reorganization, a late settlement.
 TERMINAL = frozenset({SUCCEEDED, FAILED})
 #: Not final, waiting on the payment (not on a worker): the job follows the payment.
 WAITING = frozenset({REQUIRES_APPROVAL, PENDING})
+#: Actions whose outcome *is* their payment's, and stays so after the job finished: a finished
+#: job of these follows its payment when the chain undoes or proves a settlement. (A refund,
+#: void or reclaim reports its own operation, which later moves of the payment do not undo.)
+FOLLOWS_AFTER_FINISH = frozenset({"send", "release"})
 JOB_STATUSES = (QUEUED, RUNNING, REQUIRES_APPROVAL, PENDING, SUCCEEDED, FAILED)
 PROBLEM_BASE = "https://x402c.dev/problems/"
 
@@ -305,33 +316,44 @@ def write(session: Session, job_id: str, outcome: Outcome, payment_id: str | Non
 # ------------------------------------------------------------------ jobs that follow a payment
 
 
-def may_have_waiting_job(payment: Payment, source: str) -> bool:
-    """Whether a payment that just left ``source`` can have a job waiting on it.
+def may_have_job(payment: Payment, source: str) -> bool:
+    """Whether a payment that just left ``source`` can have a job to bring up to date: one
+    waiting on it, or a finished ``send``/``release`` that reported it.
 
     Cheap and conservative, so that hot paths skip the lookup: a payment paid through a paywall
-    with automatic capture, or settled by the job that is running it, never has a waiting job.
+    with automatic capture, or settled by the job that is running it (``follow_jobs=False``),
+    never looks jobs up. A payment leaving ``settled`` (a reorganization took its settlement)
+    or ``failed`` (the chain shows it paid after all) may have a finished job that said so.
     """
+    own = (
+        payment.direction == "outgoing"
+        or payment.hold_expires_at is not None
+        or bool(payment.custodial)
+    )
+    if source in (P.SETTLED, P.FAILED):
+        return own
     if payment.state == P.SETTLING:
         return False
     if source in (P.REQUIRES_APPROVAL, P.REFUNDING):
         return True
     if source in (P.AUTHORIZED, P.SETTLING):
-        return (
-            payment.direction == "outgoing"
-            or payment.hold_expires_at is not None
-            or bool(payment.custodial)
-        )
+        return own
     return False
 
 
 def follow_payment(session: Session, payment: Payment) -> None:
-    """Bring every job waiting on ``payment`` up to date, in the caller's transaction."""
+    """Bring every job waiting on ``payment``, and every finished ``send``/``release`` that
+    reported it, up to date, in the caller's transaction (the one that moves the payment)."""
     rows = session.execute(
-        select(_JOBS.c.id, _JOBS.c.action, _JOBS.c.result).where(
-            _JOBS.c.payment_id == payment.id, _JOBS.c.status.in_(sorted(WAITING))
+        select(_JOBS.c.id, _JOBS.c.action, _JOBS.c.status, _JOBS.c.result, _JOBS.c.error).where(
+            _JOBS.c.payment_id == payment.id, _JOBS.c.status.in_(sorted(WAITING | TERMINAL))
         )
     ).all()
-    for job_id, action, previous in rows:
+    for job_id, action, status, previous, error in rows:
+        if status in TERMINAL:
+            if action in FOLLOWS_AFTER_FINISH:
+                _follow_finished(session, job_id, action, status, error, payment)
+            continue
         if action == "send":
             result = send_result(payment)
         elif action == "refund":
@@ -348,3 +370,47 @@ def follow_payment(session: Session, payment: Payment) -> None:
             # (the stale-job sweep picks queued jobs up)
             found = Outcome(QUEUED, result)
         write(session, job_id, found)
+
+
+def _follow_finished(
+    session: Session,
+    job_id: str,
+    action: str,
+    status: str,
+    error: dict[str, Any] | None,
+    payment: Payment,
+) -> None:
+    """A finished ``send``/``release`` whose payment moved again. Its result always shows the
+    payment as it is now; its status changes only when the chain contradicts it:
+
+    * ``succeeded`` and the payment can no longer move money (a reorganization removed its
+      settlement and the authorization can never be settled again) → ``failed``,
+      ``settlement_reverted``;
+    * ``succeeded`` and the payment back in flight (being settled again after a reorganization)
+      → still ``succeeded``: a final status does not go back to waiting, and the same
+      authorization settles again (exactly once) or ends the job ``failed`` as above;
+    * ``failed`` ``send`` and the payment's money moved after all → ``succeeded``.
+    """
+    result = send_result(payment) if action == "send" else payment_result(payment)
+    found = outcome_of(action, result)
+    if status == SUCCEEDED and found.status == FAILED:
+        found = Outcome(FAILED, result, _reverted(payment))
+    elif status == FAILED and found.status == SUCCEEDED and action == "send":
+        pass
+    else:
+        found = Outcome(status, result, error)  # what it said stands; the payment is current
+    write(session, job_id, found)
+
+
+def _reverted(payment: Payment) -> dict[str, Any]:
+    reason = payment.failure_reason or f"the payment ended {payment.state}"
+    return problem(
+        "settlement_reverted",
+        "The settlement was undone by a chain reorganization",
+        502,
+        "the payment had settled, then a chain reorganization removed its transaction and it "
+        f"could not be settled again ({reason}); no money moved",
+        retryable=False,
+        payment_id=payment.id,
+        failure_code=payment.failure_code,
+    )

@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlmodel import Session, col
 
 import connector.payments.protocol as proto
@@ -98,35 +97,6 @@ def _send(
     if written:
         return Done(written[0])
     return _send_output(payment)
-
-
-def report_payment(session: Session, payment: Payment) -> None:
-    """The reconciler settled (or corrected) ``payment``: the finished ``send`` jobs that made it
-    now report its real outcome, in the same transaction as the payment's change.
-
-    An on-chain escrow payment is paid once the escrow collected it, whatever the seller does
-    next: only a job that reported it failed (a collection given up, later seen funded) is
-    rewritten; a succeeded job keeps its result."""
-    if escrow_ledger.collected(payment) and payment.direction == "outgoing":
-        finished: tuple[str, ...] = ("failed",)
-    elif payment.state == PaymentState.SETTLED.value:
-        finished = ("succeeded", "failed")
-    else:
-        return
-    session.execute(
-        update(Job)
-        .where(
-            col(Job.payment_id) == payment.id,
-            col(Job.action) == "send",
-            col(Job.status).in_(finished),
-        )
-        .values(
-            status="succeeded",
-            result=_dump(_send_output(payment)),
-            error=None,
-            updated_at=datetime.now(UTC),
-        )
-    )
 
 
 def _truth_after_race(rt: Runtime, job: ClaimedJob) -> s.SendOutput:

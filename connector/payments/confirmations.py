@@ -5,9 +5,12 @@ confirmations (the network's default from :mod:`connector.x402.networks`, 1 on t
 :func:`recheck_settlements` looks at recently settled payments again: while the receipt is
 there it does nothing; when the receipt is gone and the authorization is unused on the chain,
 the payment goes back to ``settling`` (edge ``settled -> settling``), and the reconciler settles
-it again with the very same signed authorization, so the money still moves exactly once. If the
-authorization was used by another transaction meanwhile (re-included elsewhere), that one is
-recorded instead.
+it again with the very same signed authorization, so the money still moves exactly once (an
+outgoing payment's budget reservation goes back to ``held`` until then). If the authorization
+was used by another transaction meanwhile (re-included elsewhere), that one is recorded instead,
+as ``settled -> settling -> settled`` in one write (two events, the second with the new hash).
+Either way the jobs that reported the payment follow it in the same transaction
+(:func:`connector.actions.outcome.follow_payment`, run by the state machine).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from sqlmodel import col
 
 from connector.errors import ConcurrentUpdate, ExternalServiceError, IllegalTransition
 from connector.logs import get_logger
-from connector.payments.machine import transition, update_fields
+from connector.payments.machine import Step, advance
 from connector.payments.onchain import authorization_used
 from connector.payments.states import PaymentState
+from connector.policy import budgets
 from connector.runtime import Runtime
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment
@@ -85,22 +89,30 @@ def recheck_settlements(rt: Runtime, now: datetime | None = None, limit: int = 5
                 current = uow.session.get(Payment, payment.id)
                 if current is None or current.state != S.SETTLED.value:
                     continue
+                vanished = str(current.tx_hash)
+                back = Step(
+                    S.SETTLING,
+                    {"tx_hash": None, "failure_reason": f"receipt of {vanished} vanished (reorg)"},
+                    {"vanished_tx_hash": vanished},
+                )
                 if used and other:
-                    update_fields(uow.session, current, tx_hash=other)  # re-included elsewhere
+                    if other == vanished:
+                        continue  # the same transaction, mined again: nothing changed
+                    # Re-included elsewhere: settled again, by another transaction.
+                    advance(
+                        uow.session, current, [back, Step(S.SETTLED, {"tx_hash": other})], now=now
+                    )
                 elif not used:
                     log.warning(
                         "settlement receipt vanished (chain reorganization)",
-                        extra={"payment_id": current.id, "tx_hash": current.tx_hash},
+                        extra={"payment_id": current.id, "tx_hash": vanished},
                     )
-                    transition(
-                        uow.session,
-                        current,
-                        S.SETTLING,
-                        now=now,
-                        tx_hash=None,
-                        failure_reason=f"receipt of {current.tx_hash} vanished (reorg)",
-                    )
+                    advance(uow.session, current, [back], now=now)
+                    if current.direction == "outgoing":
+                        budgets.unconfirm(uow.session, current.id)
                     reverted += 1
+                else:
+                    continue  # used, but by a transaction not found yet: look again next time
                 uow.commit()
         except (ConcurrentUpdate, IllegalTransition):
             continue

@@ -198,6 +198,11 @@ def apply_escrow_events(
         }
         state = PaymentState(payment.state)
         target = headline(totals)
+        if state == PaymentState.FAILED and target is not None and target != state:
+            # A correction (the escrow shows a collection given up as failed funded after all):
+            # it did not fail, so the failure goes with the move, and the jobs that follow the
+            # payment in this write see it cleared.
+            changes.update(failure_code=None, failure_reason=None)
         if target is not None and target != state:
             # A reconcile that sees several operations at once walks every state in between.
             hops = _path(state, target)

@@ -164,8 +164,10 @@ def advance(
 
     If another worker moved the payment first, nothing is written and
     :class:`~connector.errors.ConcurrentUpdate` is raised; ``payment`` is left unchanged.
-    Jobs waiting on the payment (approval, unknown outcome) are brought up to date in the same
-    transaction; ``follow_jobs=False`` is for a caller that records its own job's outcome itself.
+    Jobs waiting on the payment (approval, unknown outcome), and finished jobs that reported it
+    when a reorganization or a late settlement contradicts them, are brought up to date in the
+    same transaction (:func:`connector.actions.outcome.follow_payment`, the one place that does
+    it); ``follow_jobs=False`` is for a caller that records its own job's outcome itself.
     """
     if not steps:
         return payment
@@ -185,7 +187,7 @@ def advance(
             payment_id=payment.id,
         )
     _record(session, payment, events)
-    if follow_jobs and outcome.may_have_waiting_job(payment, str(before["state"])):
+    if follow_jobs and outcome.may_have_job(payment, str(before["state"])):
         outcome.follow_payment(session, payment)
     return payment
 
@@ -371,7 +373,7 @@ def advance_alone(
     """:func:`advance` as its own transaction, in one statement (PostgreSQL only, see
     :func:`writes_alone`). Raises :class:`~connector.errors.ConcurrentUpdate` (nothing written,
     ``payment`` unchanged) if the payment moved meanwhile. Returns False, writing nothing and
-    leaving ``payment`` unchanged, when a job may be waiting on the payment: :func:`advance` in
+    leaving ``payment`` unchanged, when a job may follow the payment: :func:`advance` in
     a unit of work brings such jobs along in the same transaction."""
     if not steps:
         return True
@@ -384,7 +386,7 @@ def advance_alone(
     except Exception:
         _apply(payment, before)
         raise
-    if outcome.may_have_waiting_job(payment, str(before["state"])):
+    if outcome.may_have_job(payment, str(before["state"])):
         _apply(payment, before)
         return False
     columns = _columns(values)

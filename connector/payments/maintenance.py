@@ -148,7 +148,8 @@ def reconcile(rt: Runtime, now: datetime | None = None) -> int:
       held, or deadline within :data:`LATE_WINDOW`): a used nonce corrects the payment to
       ``settled`` with a ``payment.settled_late`` event and counts its reservation again;
       an unused one past its deadline releases a held reservation.
-    Jobs that already reported such a payment are rewritten to report its real outcome.
+    Jobs that already reported such a payment follow it in the same transaction (the state
+    machine's :func:`connector.actions.outcome.follow_payment`).
     """
     now = now or datetime.now(UTC)
     resolved = _reconcile_settling(rt, now)
@@ -191,9 +192,9 @@ def _reconcile_settling(rt: Runtime, now: datetime) -> int:
                 if current is None or current.state != S.SETTLING.value:
                     continue
                 if used:
+                    # (the jobs that reported it follow it: the state machine sees to that)
                     transition(uow.session, current, S.SETTLED, now=now)
                     budgets.confirm(uow.session, current.id)
-                    _report_to_jobs(uow.session, current)
                 elif dead:
                     end_unmoved(
                         uow.session,
@@ -311,9 +312,7 @@ def _reconcile_one_escrow(
 ) -> int:
     if snapshot.events:
         try:
-            applied = escrow_sync.apply(
-                rt, payment, snapshot.events, now=now, then=_report_escrow_to_jobs
-            )
+            applied = escrow_sync.apply(rt, payment, snapshot.events, now=now)
         except (ConcurrentUpdate, IllegalTransition):
             return 0
         if not escrow_sync.ledger_matches(applied.payment, snapshot.state):
@@ -359,13 +358,6 @@ def _reconcile_one_escrow(
             return 1
     except (ConcurrentUpdate, IllegalTransition):
         return 0
-
-
-def _report_escrow_to_jobs(session: Session, payment: Payment) -> None:
-    """A funded escrow payment's finished ``send`` jobs that reported it failed (the collection
-    was given up, then the escrow showed it funded) now report what it is."""
-    if payment.direction == "outgoing" and escrow_ledger.collected(payment):
-        _report_to_jobs(session, payment)
 
 
 def _reconcile_refunds(rt: Runtime, now: datetime) -> int:
@@ -458,7 +450,6 @@ def _reconcile_failed(rt: Runtime, now: datetime) -> int:
                         },
                         payment_id=current.id,
                     )
-                    _report_to_jobs(uow.session, current)
                     log.warning("payment settled late", extra={"payment_id": current.id})
                     resolved += 1
                 elif used:
@@ -475,7 +466,7 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
     """A failed escrow collection whose nonce is used: the escrow funded it after all. Its
     events correct it (``failed → authorized``/``captured``, then whatever followed), with a
     ``payment.settled_late`` event, its reservation counted again by the ledger, and the jobs
-    that reported it failed rewritten. Without readable events: next pass."""
+    that reported it failed follow it (the state machine). Without readable events: next pass."""
     from connector.payments.context_loader import load_connection
 
     try:
@@ -488,7 +479,6 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
     failed_because = payment.failure_reason
 
     def then(session: Session, current: Payment) -> None:
-        update_fields(session, current, failure_code=None, failure_reason=None)
         record_event(
             session,
             "payment.settled_late",
@@ -496,7 +486,6 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
             {"payment": payment_snapshot(current), "previous_failure": failed_because},
             payment_id=current.id,
         )
-        _report_to_jobs(session, current)
 
     try:
         applied = escrow_sync.apply(rt, payment, snapshot.events, now=now, then=then)
@@ -505,12 +494,6 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
     if applied.changed:
         log.warning("escrow payment funded late", extra={"payment_id": payment.id})
     return int(applied.changed)
-
-
-def _report_to_jobs(session: Session, payment: Payment) -> None:
-    from connector.actions.service import report_payment
-
-    report_payment(session, payment)
 
 
 def requeue_stale_jobs(

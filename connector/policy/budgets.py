@@ -188,6 +188,13 @@ def confirm(session: Session, payment_id: str) -> bool:
     return _set_status(session, payment_id, "confirmed", "held")
 
 
+def unconfirm(session: Session, payment_id: str) -> bool:
+    """A settled payment's settlement was undone (a chain reorganization) and it is being settled
+    again: its money may still move, so it stays counted, as ``held`` again — released if it
+    then definitely fails, confirmed if it settles."""
+    return _set_status(session, payment_id, "held", "confirmed")
+
+
 def release(session: Session, payment_id: str) -> bool:
     """The payment definitely failed (nothing can move): give the money back to the budget."""
     return _set_status(session, payment_id, "released", "held")

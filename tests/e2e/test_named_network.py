@@ -152,7 +152,9 @@ def test_a_reorg_that_removes_the_settlement_puts_it_back_to_settling_and_it_set
     request = seller.run("receive", {"amount": "7000"})["payment_request"]
 
     snapshot = base_sepolia.node.snapshot()
-    paid = buyer.run("send", {"url": request["url"]})
+    job = buyer.job("send", {"url": request["url"]})
+    assert job["status"] == "succeeded", job
+    paid = job["result"]
     assert paid["payment"]["state"] == "settled"
     assert base_sepolia.balance(payee) == 7000
 
@@ -170,6 +172,11 @@ def test_a_reorg_that_removes_the_settlement_puts_it_back_to_settling_and_it_set
     incoming = payments(seller_id)[0]
     assert incoming["state"] == "settling" and "vanished" in str(incoming["failure_reason"])
     assert payments(buyer_id)[0]["state"] == "settling"
+    # The send's job follows its payment: still succeeded (final), but showing it as it is.
+    following = admin.http.get(f"/v1/jobs/{job['id']}").json()
+    assert following["status"] == "succeeded"
+    assert following["result"]["payment"]["state"] == "settling"
+    assert following["result"]["payment"]["tx_hash"] is None
 
     # The reconciler drives it again with the same authorization: it settles, exactly once.
     assert drive(stack.runtime, str(incoming["id"])) == "settled"
@@ -177,6 +184,10 @@ def test_a_reorg_that_removes_the_settlement_puts_it_back_to_settling_and_it_set
     maintenance.reconcile(stack.runtime, now=later)  # the payer's side sees the nonce used
     assert payments(buyer_id)[0]["state"] == "settled"
     assert payments(seller_id)[0]["tx_hash"]
+    settled_again = admin.http.get(f"/v1/jobs/{job['id']}").json()
+    assert settled_again["status"] == "succeeded"
+    assert settled_again["result"]["payment"]["state"] == "settled"
+    assert settled_again["result"]["payment"]["tx_hash"] == payments(buyer_id)[0]["tx_hash"]
     assert base_sepolia.balance(payee) == 7000
     assert base_sepolia.balance(buyer.account.address) == start - 7000
     assert recheck_settlements(stack.runtime) == 0  # the new receipt is there
