@@ -17,7 +17,10 @@ EVENT_TYPES: dict[str, str] = {
         "A valid signed authorization exists; for manual capture, a hold. On-chain escrow "
         "(authCapture): the funds are held by the escrow contract."
     ),
-    "payment.settling": "The authorization was handed over for settlement.",
+    "payment.settling": (
+        "The authorization was handed over for settlement. Also sent when a chain "
+        "reorganization removed a settlement (data.vanished_tx_hash): it is settled again."
+    ),
     "payment.settled": "Money moved on-chain; data.payment.tx_hash is set.",
     "payment.failed": "The payment definitely did not settle; failure_code says why.",
     "payment.rejected": "Policy or an approver refused the payment; failure_code names the rule.",
