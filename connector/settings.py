@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # are capped to fit in what is left (workers/tasks.py).
     broker_visibility_timeout_s: int = Field(default=180, ge=1)
     broker_restore_interval_s: int = 10  # how often workers sweep for such abandoned tasks
+    #: Connect and read timeout of every broker call: a hung broker (accepts, never answers)
+    #: fails a publish after about this long instead of blocking its caller for ever.
+    broker_timeout_s: float = Field(default=5.0, gt=0, le=60)
     worker_prefetch: int = 1  # messages a worker thread reserves ahead (late acks keep them safe)
     worker_task_logs: bool = False  # Celery's own "received"/"succeeded" line per task at INFO
 

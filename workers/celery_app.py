@@ -47,10 +47,25 @@ def make_celery(settings: Settings | None = None) -> Celery:
         enable_utc=True,
         timezone="UTC",
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_timeout_s,
+        # One quick retry of a failed publish (a dropped pooled connection), not kombu's three:
+        # with a broker that is really down, the caller's job row is already committed and the
+        # stale-job sweep sends it later, so waiting longer here only holds the request.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
         broker_transport_options=(
             {"polling_interval": 0.005}
             if settings.broker_url.startswith("memory")
             else {
+                # Without these, a broker that accepts connections and never answers blocks a
+                # publish (and its request or committing thread) for ever. Reads by a worker's
+                # consumer wait at most 1 s for a message (BRPOP), well inside the timeout.
+                "socket_timeout": settings.broker_timeout_s,
+                "socket_connect_timeout": settings.broker_timeout_s,
                 "visibility_timeout": settings.broker_visibility_timeout_s,
                 "unacked_restore_interval": settings.broker_restore_interval_s,
                 "unacked_restore_throttle": 1,
