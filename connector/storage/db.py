@@ -39,7 +39,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     # psycopg prepares a statement on the server after N executions per connection (default 5);
     # a worker's hot statements repeat on every payment, so prepare them from the second use.
-    kwargs.setdefault("connect_args", {}).setdefault("prepare_threshold", 2)
+    connect_args = kwargs.setdefault("connect_args", {})
+    connect_args.setdefault("prepare_threshold", 2)
+    # A server that accepts the TCP connection and never answers (hung, or a half-open path)
+    # must fail a connect, not block the request or task that opened it for ever; keepalives
+    # find a peer that vanished under an open pooled connection.
+    connect_args.setdefault("connect_timeout", 10)
+    for name, value in (("keepalives", 1), ("keepalives_idle", 30), ("keepalives_interval", 10)):
+        connect_args.setdefault(name, value)
+    connect_args.setdefault("keepalives_count", 3)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
