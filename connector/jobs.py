@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, SQLModel, col
 
 from connector.errors import Conflict, ConnectorError, NotFound
 from connector.ids import new_id
+from connector.settings import Settings
 from connector.storage.models.payments import IdempotencyRecord, Job
 
 IN_FLIGHT_LEASE = timedelta(minutes=5)
@@ -261,10 +262,50 @@ class ClaimedJob:
 
 
 FINISHED = ("succeeded", "failed")
+RUNNING = "running"
+#: How much longer than the task time limit a claim holds a running job: the time a worker may
+#: still need to write its outcome after the limit, and clock skew between workers.
+LEASE_MARGIN = timedelta(seconds=30)
+
+
+def job_lease(settings: Settings) -> timedelta:
+    """How long a claim holds a ``running`` job against every other delivery of its task.
+
+    A task cannot run longer than the task time limit, so a job still ``running`` past the
+    limit and this margin lost its worker: the next claim may take it over, and the stale-job
+    sweep sends it again. The one definition both use.
+    """
+    return timedelta(seconds=settings.task_time_limit_s) + LEASE_MARGIN
+
+
+@dataclass
+class Handover:
+    """The claim a task run holds on its job, handed to the task's own retry.
+
+    ``attempts`` is the job's attempt number after this run's claim, set once that claim is
+    committed (the row then says ``running`` with it). The retry passes it back to
+    :func:`claim_job`, which lets it take over the job it still holds — after a dropped database
+    connection the row may not have been put back in the queue. A claim increments the number, so
+    the token is good for one claim only, and a claim that never committed leaves the token of
+    the claim before it (a number the row may hold under another worker's claim is never sent).
+    """
+
+    attempts: int | None = None
+
+
+# One statement on the hot path: the lease is part of the claim's WHERE, not a read before it.
 _CLAIM = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status.not_in(FINISHED))
-    .values(status="running", attempts=JOBS.c.attempts + 1, updated_at=bindparam("b_now"))
+    .where(
+        JOBS.c.id == bindparam("b_id"),
+        JOBS.c.status.not_in(FINISHED),
+        or_(
+            JOBS.c.status != RUNNING,  # queued, or waiting on its payment
+            JOBS.c.updated_at <= bindparam("b_expired"),  # its worker died: the lease expired
+            JOBS.c.attempts == bindparam("b_handover"),  # the retry of the claim holding it
+        ),
+    )
+    .values(status=RUNNING, attempts=JOBS.c.attempts + 1, updated_at=bindparam("b_now"))
     .returning(
         JOBS.c.id,
         JOBS.c.connection_id,
@@ -283,13 +324,29 @@ def link_payment(session: Session, job_id: str, payment_id: str) -> None:
     session.execute(_UPDATE_JOB, {"payment_id": payment_id, "b_id": job_id})
 
 
-def claim_job(session: Session, job_id: str, now: datetime | None = None) -> ClaimedJob | Job:
+def claim_job(
+    session: Session,
+    job_id: str,
+    now: datetime | None = None,
+    *,
+    lease: timedelta,
+    handover: int | None = None,
+) -> ClaimedJob | Job:
     """Mark a job running and count the attempt, in one statement.
 
-    Returns the claimed job, or the stored :class:`Job` when it has already finished (its result
-    stands; a redelivered task must not run the action again).
+    Claimed: a job that is queued or waiting on its payment; a ``running`` one whose claim is
+    older than ``lease`` (see :func:`job_lease`); or a ``running`` one whose attempt number is
+    ``handover`` (the retry of the task that claimed it, see :class:`Handover`).
+
+    Otherwise returns the stored :class:`Job`: finished (its result stands; a redelivered task
+    must not run the action again), or running under another worker's live claim (this
+    delivery must leave it alone).
     """
-    row = session.execute(_CLAIM, {"b_id": job_id, "b_now": now or datetime.now(UTC)}).first()
+    now = now or datetime.now(UTC)
+    row = session.execute(
+        _CLAIM,
+        {"b_id": job_id, "b_now": now, "b_expired": now - lease, "b_handover": handover},
+    ).first()
     if row is None:
         return get_job(session, job_id)
     return ClaimedJob(*row)

@@ -15,7 +15,7 @@ from celery import Task
 from connector.actions.service import run as run_action
 from connector.beat import record_tick
 from connector.errors import ConcurrentUpdate, ExternalServiceError
-from connector.jobs import purge_expired
+from connector.jobs import Handover, purge_expired
 from connector.logs import get_logger
 from connector.payments import maintenance
 from connector.payments.driver import drive
@@ -37,11 +37,19 @@ def _countdown_cap() -> float:
 log = get_logger(__name__)
 
 
-def _retry(task: Task, exc: Exception, *, quick: bool = False, **ids: str) -> Exception:
+def _retry(
+    task: Task,
+    exc: Exception,
+    *,
+    quick: bool = False,
+    kwargs: dict[str, int] | None = None,
+    **ids: str,
+) -> Exception:
     """Schedule the next attempt and say so in our own log (Celery's INFO lines are off).
 
     ``quick``: a dropped database connection — the work did not commit and a new connection is
     one pool checkout away, so the retry comes within a second or two, not after beat's sweep.
+    ``kwargs``: the retry's keyword arguments instead of this run's (ints only, never secrets).
     """
     if quick:
         countdown = 0.2 + backoff_delay(task.request.retries, base=0.5, cap=5.0)
@@ -57,25 +65,35 @@ def _retry(task: Task, exc: Exception, *, quick: bool = False, **ids: str) -> Ex
             **ids,
         },
     )
-    return task.retry(exc=exc, countdown=countdown)
+    return task.retry(exc=exc, countdown=countdown, kwargs=kwargs)
 
 
 @celery_app.task(bind=True, name="x402c.run_job", max_retries=8, acks_late=True)
-def run_job(self: Task, job_id: str) -> str:
+def run_job(self: Task, job_id: str, claimed: int | None = None) -> str:
     """Run one action job (send, receive, verify, refund, release, void, balance).
 
     Returns only the job's outcome: the result itself lives in the job row (``GET /v1/jobs``),
-    so it is neither copied into a result backend nor into Celery's own task log.
+    so it is neither copied into a result backend nor into Celery's own task log. ``running``:
+    another worker holds the job (this message is a duplicate); it is acknowledged and dropped.
+
+    ``claimed``: set by this task's own retry — the attempt number of the claim the failed run
+    committed. The job may still say ``running`` under it (a dropped connection wrote nothing
+    more), and this number lets the retry take it over instead of waiting out the lease.
     """
+    handover = Handover(claimed)
     try:
-        found = run_action(runtime(), job_id)
+        found = run_action(runtime(), job_id, handover)
     except RETRYABLE as exc:
         if getattr(exc, "retryable", True):
-            raise _retry(self, exc, job_id=job_id) from exc
+            raise _retry(self, exc, kwargs=_handing_over(handover), job_id=job_id) from exc
         raise
     except CONNECTION_ERRORS as exc:
-        raise _retry(self, exc, quick=True, job_id=job_id) from exc
+        raise _retry(self, exc, quick=True, kwargs=_handing_over(handover), job_id=job_id) from exc
     return found.status
+
+
+def _handing_over(handover: Handover) -> dict[str, int]:
+    return {} if handover.attempts is None else {"claimed": handover.attempts}
 
 
 @celery_app.task(bind=True, name="x402c.drive_payment", max_retries=8, acks_late=True)

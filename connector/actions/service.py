@@ -21,7 +21,7 @@ from connector.actions import outcome
 from connector.actions import schemas as s
 from connector.actions.registry import BY_KEY
 from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceError, NotFound
-from connector.jobs import ClaimedJob, claim_job, set_job_status
+from connector.jobs import ClaimedJob, Handover, claim_job, job_lease, set_job_status
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
 from connector.payments import escrow, escrow_ledger, escrow_sync, receive, refunds, send
@@ -254,25 +254,39 @@ HANDLERS: dict[str, Handler] = {
 
 
 def run_job(rt: Runtime, job_id: str) -> dict[str, Any] | None:
-    """Run a job; its result, or None when it failed (the error is on the job row)."""
+    """Run a job; its result, or None when it failed (the error is on the job row) or another
+    worker is running it (the job row will carry its outcome)."""
     found = run(rt, job_id)
-    return None if found.status == outcome.FAILED else found.result
+    return None if found.status in (outcome.FAILED, outcome.RUNNING) else found.result
 
 
-def run(rt: Runtime, job_id: str) -> outcome.Outcome:
-    """Run a job and return its outcome (status, result, error) as recorded on the job row."""
+def run(rt: Runtime, job_id: str, handover: Handover | None = None) -> outcome.Outcome:
+    """Run a job and return its outcome (status, result, error) as recorded on the job row.
+
+    ``running``: another worker holds the job's lease (this is a second delivery of its task);
+    nothing was run or changed, and that worker records the outcome. ``handover``: the claim of
+    the task run this one retries (see :class:`Handover`); it is updated with this run's claim
+    once committed, for the next retry.
+    """
     with one_connection(rt.engine):
-        return _claim_and_run(rt, job_id)
+        return _claim_and_run(rt, job_id, handover or Handover())
 
 
-def _claim_and_run(rt: Runtime, job_id: str) -> outcome.Outcome:
+def _claim_and_run(rt: Runtime, job_id: str, handover: Handover) -> outcome.Outcome:
     # The claim is handed to the action uncommitted: a direct send commits it together with its
     # payment (one transaction fewer per payment); every other path commits it before doing
     # anything else, so no other transaction ever waits on the job row this one has locked.
     with UnitOfWork(rt.engine) as claim:
-        job = claim_job(claim.session, job_id)
-        if isinstance(job, Job):  # finished before: a redelivered task returns the stored result
-            return outcome.Outcome(job.status, job.result, job.error)
+        job = claim_job(
+            claim.session, job_id, lease=job_lease(rt.settings), handover=handover.attempts
+        )
+        if isinstance(job, Job):
+            if job.status in outcome.TERMINAL:  # a redelivered task returns the stored result
+                return outcome.Outcome(job.status, job.result, job.error)
+            # Running under another worker's live lease: leave it alone. Should that worker
+            # die, the lease expires and the stale-job sweep sends the job again.
+            log.info("job is running in another worker", extra={"job_id": job_id})
+            return outcome.Outcome(outcome.RUNNING, None, None)
         spec = BY_KEY.get(job.action)
         if spec is None:
             claim.commit()
@@ -288,6 +302,8 @@ def _claim_and_run(rt: Runtime, job_id: str) -> outcome.Outcome:
             status = found.status
             return found
         finally:
+            if claim.committed:  # the row says running under this claim: the retry's token
+                handover.attempts = job.attempts
             ACTION_SECONDS.labels(action=job.action, status=status).observe(
                 time.perf_counter() - started
             )

@@ -21,7 +21,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlmodel import Session, col
 
 from connector.chain.auth_capture import EscrowSnapshot
@@ -507,32 +507,34 @@ def requeue_stale_jobs(
 
     The broker is not the source of truth: a Redis worker killed between taking a message and
     recording it as unacknowledged loses that message. The job row survives, so jobs still
-    ``queued`` (or ``running`` past the task time limit) are sent again. Re-running a job is safe:
-    it resumes its own payment through the job id, and settlement is idempotent per nonce.
+    ``queued`` (or ``running`` past their lease: the task time limit and a margin, see
+    :func:`connector.jobs.job_lease`) are sent again. Re-running a job is safe: it resumes its own
+    payment through the job id, and settlement is idempotent per nonce.
+
+    A ``running`` job whose lease expired goes back to ``queued``: its worker is gone, and the
+    message sent here must find a job it may claim. One conditional statement picks and marks
+    the jobs, so a job claimed meanwhile (by a redelivered message) keeps its new lease and is
+    not sent again.
     """
-    from connector.storage.models.payments import Job
+    from connector.jobs import JOBS, RUNNING, job_lease
 
     now = now or datetime.now(UTC)
-    running_after = running_after or timedelta(seconds=rt.settings.task_time_limit_s + 30)
+    running_after = running_after or job_lease(rt.settings)
+    stale = ((JOBS.c.status == "queued") & (JOBS.c.updated_at <= now - queued_after)) | (
+        (JOBS.c.status == RUNNING) & (JOBS.c.updated_at <= now - running_after)
+    )
+    oldest = select(JOBS.c.id).where(stale).order_by(JOBS.c.updated_at).limit(500)
     with UnitOfWork(rt.engine) as uow:
-        stale = list(
+        ids = list(
             uow.session.execute(
-                select(Job)
-                .where(
-                    ((col(Job.status) == "queued") & (col(Job.updated_at) <= now - queued_after))
-                    | (
-                        (col(Job.status) == "running")
-                        & (col(Job.updated_at) <= now - running_after)
-                    )
-                )
-                .order_by(col(Job.updated_at))
-                .limit(500)
+                update(JOBS)
+                .where(JOBS.c.id.in_(oldest), stale)
+                # not again before the next threshold; a dead lease is back in the queue
+                .values(status="queued", updated_at=now)
+                .returning(JOBS.c.id)
             ).scalars()
         )
-        for job in stale:
-            job.updated_at = now  # not again before the next threshold
-            uow.session.add(job)
         uow.commit()
-    for job in stale:
-        rt.dispatch("x402c.run_job", (job.id,))
-    return len(stale)
+    for job_id in ids:
+        rt.dispatch("x402c.run_job", (job_id,))
+    return len(ids)

@@ -122,6 +122,9 @@ class UnitOfWork:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._session: Session | None = None
+        #: A commit() returned: what this unit of work wrote is in the database (a caller that
+        #: lost its connection later can tell whether an earlier write of it stands).
+        self.committed = False
 
     @property
     def session(self) -> Session:
@@ -150,6 +153,7 @@ class UnitOfWork:
 
     def commit(self) -> None:
         self.session.commit()
+        self.committed = True
 
     def rollback(self) -> None:
         self.session.rollback()

@@ -14,11 +14,13 @@ does) while the main thread may inject a fault at a random moment:
 
 An action that fails retryably, loses its connection or crashes stays unfinished and is run
 again later (what Celery's retry, redelivery and beat's ``requeue_stale_jobs`` do), and reconcile
-runs now and then. At the end every fault is healed, unfinished work is retried and reconciled
-until nothing is in flight, and the invariants must hold: every payment's state matches the
-chain, no failed payment moved money, every finished job agrees with its payment, refunds never
-exceed what was paid, the budget was never overspent, and the payee's on-chain balance moved by
-exactly the settled payments.
+runs now and then. A job's retry carries the claim of the run it retries (the task's handover);
+a crashed run's job stays ``running`` under its lease until the heal phase's sweep, as a dead
+worker's job does until its lease expires. At the end every fault is healed, unfinished work is
+retried and reconciled until nothing is in flight, and the invariants must hold: every payment's
+state matches the chain, no failed payment moved money, every finished job agrees with its
+payment, refunds never exceed what was paid, the budget was never overspent, and the payee's
+on-chain balance moved by exactly the settled payments.
 
 Bounded: at most ``STEPS`` steps or ``STEP_BUDGET_S`` seconds of steps, then the heal phase.
 ``X402C_FAULT_SEED`` replays a run.
@@ -38,8 +40,9 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import event, select
 
-from connector.actions.service import run_job
+from connector.actions.service import run as run_action
 from connector.errors import ConcurrentUpdate, ExternalServiceError
+from connector.jobs import Handover, job_lease
 from connector.payments import maintenance
 from connector.payments.driver import drive
 from connector.storage.db import CONNECTION_ERRORS, transaction
@@ -132,11 +135,19 @@ def test_randomized_faults_never_lose_or_double_money(
     paywall_tries: list[tuple[str, dict[str, str]]] = []
     jobs: list[str] = []
     log: list[str] = []
+    handovers: dict[str, Handover] = {}
+
+    def run_job(job: str) -> None:
+        """One task run of ``job``: a retry carries the claim of the run it retries, as
+        workers/tasks.py does; a crashed worker's handover dies with it."""
+        handover = handovers.pop(job, Handover())
+        if as_a_task(run_action, rig.rt, job, handover) in ("retry", "db"):
+            handovers[job] = handover
 
     def send(r: random.Random) -> None:
         job = rig.job(payer_conn, "send", {"to": payee, "amount": str(r.randint(50, 400))})
         jobs.append(job)
-        as_a_task(run_job, rig.rt, job)
+        run_job(job)
 
     def pay_paywall(r: random.Random) -> None:
         request = receive.create_request(
@@ -168,12 +179,12 @@ def test_randomized_faults_never_lose_or_double_money(
             body["amount"] = str(r.randint(1, 200))
         job = rig.job(seller_conn, "refund", body)
         jobs.append(job)
-        as_a_task(run_job, rig.rt, job)
+        run_job(job)
 
     def retry_one(r: random.Random) -> None:
         unfinished = [j for j in jobs if rig.job_row(j).status not in ("succeeded", "failed")]
         if unfinished:
-            as_a_task(run_job, rig.rt, r.choice(unfinished))
+            run_job(r.choice(unfinished))
 
     def reconcile(r: random.Random) -> None:
         as_a_task(maintenance.reconcile, rig.rt, datetime.now(UTC) + timedelta(minutes=2))
@@ -241,6 +252,11 @@ def test_randomized_faults_never_lose_or_double_money(
         rig.facilitator_up()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
+        # no worker runs any more: every lease has expired by the sweep's clock (beat's sweep
+        # puts the jobs of crashed runs back in the queue)
+        maintenance.requeue_stale_jobs(
+            rig.rt, datetime.now(UTC) + job_lease(rig.rt.settings) + timedelta(seconds=1)
+        )
         with transaction(rig.rt.engine) as s:
             unfinished = list(
                 s.execute(
@@ -248,7 +264,7 @@ def test_randomized_faults_never_lose_or_double_money(
                 ).scalars()
             )
         for job in unfinished:  # every job in the database, tracked or not
-            as_a_task(run_job, rig.rt, job)
+            run_job(job)
         for request_id, header in paywall_tries:  # payers retry with the same payment
             as_a_task(receive.handle_paywall, rig.rt, seller_ctx, request_id, header)
         reconcile(rnd)

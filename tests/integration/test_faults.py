@@ -334,12 +334,15 @@ def test_beat_tasks_record_ticks_and_healthz_reports_the_last_one(rig: FaultRig)
 
 
 def test_visibility_timeout_defaults_to_minutes_and_exceeds_the_task_time_limit() -> None:
+    from connector.jobs import job_lease
     from connector.settings import Settings
     from workers.celery_app import make_celery
 
     settings = Settings(broker_url="redis://127.0.0.1:6379/15")
     assert settings.broker_visibility_timeout_s <= 600
     assert settings.broker_visibility_timeout_s > settings.task_time_limit_s
+    # a killed worker's redelivered task finds its job's lease expired, so it can take it over
+    assert settings.broker_visibility_timeout_s > job_lease(settings).total_seconds()
     options = make_celery(settings).conf.broker_transport_options
     assert options["visibility_timeout"] == settings.broker_visibility_timeout_s
 
