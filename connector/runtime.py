@@ -75,6 +75,7 @@ class Runtime:
                 rpc_url,
                 timeout_s=self.settings.rpc_timeout_s,
                 poll_interval_s=self.settings.receipt_poll_interval_s,
+                max_log_range=self.settings.rpc_max_log_range,
                 transport=self.outbound().transport(
                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
                 ),

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     # escrow reclaim) before reporting the outcome unknown (retried; reconcile reads the chain).
     receipt_timeout_s: float = Field(default=30.0, gt=0)
     rpc_timeout_s: float = 10.0
+    # Widest block range one ``eth_getLogs`` asks for: public providers refuse more than a few
+    # thousand blocks (Base's public RPC, Alchemy, Infura), so escrow history is read in ranges
+    # of at most this many blocks, walking forward from each payment's recorded lower bound.
+    rpc_max_log_range: int = Field(default=2_000, ge=1, le=1_000_000)
+    # Confirmations per network (CAIP-2 id or v1 name -> blocks, JSON in the environment:
+    # '{"eip155:8453": 3}') overriding the registry's default (connector/x402/networks.py): an
+    # on-chain escrow event counts once the head is that many blocks deep, its own included.
+    network_confirmations: dict[str, int] = Field(default_factory=dict)
     facilitator_timeout_s: float = 15.0
     external_max_retries: int = 3
 
@@ -94,6 +102,23 @@ class Settings(BaseSettings):
     # How stale a paywall's cached open/paid-out state may be when another process changed it
     # (this process's own changes apply at once); 0 = read the database on every hit.
     paywall_state_ttl_s: float = Field(default=1.0, ge=0, le=60)
+
+    @field_validator("network_confirmations")
+    @classmethod
+    def _confirmations(cls, value: dict[str, int]) -> dict[str, int]:
+        from connector.x402.errors import UnknownNetwork
+        from connector.x402.networks import to_caip2
+
+        checked: dict[str, int] = {}
+        for network, blocks in value.items():
+            try:
+                key = to_caip2(network)
+            except UnknownNetwork as exc:
+                raise ValueError(exc.detail) from exc
+            if not 1 <= blocks <= 1_000:
+                raise ValueError(f"confirmations for {network} must be 1..1000, not {blocks}")
+            checked[key] = blocks
+        return checked
 
     @model_validator(mode="after")
     def _production_needs_explicit_config(self) -> Settings:

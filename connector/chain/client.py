@@ -268,11 +268,15 @@ class ChainClient:
         fallback_urls: Sequence[str] = (),
         combine: bool = False,
         max_batch: int = 20,
+        max_log_range: int = 2_000,
     ) -> None:
         """``combine``: concurrent calls from many threads share JSON-RPC batches (see
         :class:`_Combiner`); for a server settling many payments at once (the facilitator).
-        ``max_batch`` bounds such a batch (providers cap batch sizes)."""
+        ``max_batch`` bounds such a batch (providers cap batch sizes). ``max_log_range``: the
+        widest block range one ``eth_getLogs`` of a history read may span (providers refuse
+        wider ones; see :mod:`connector.chain.auth_capture`)."""
         self.rpc_url = rpc_url
+        self.max_log_range = max(1, max_log_range)
         # Failover: when a node stops answering (transport errors after the retries, or 5xx),
         # the next URL serves, and stays active until it fails in turn.
         self._urls = [rpc_url, *fallback_urls]

@@ -27,9 +27,11 @@ from connector.payments.onchain import authorization_used
 from connector.payments.states import PaymentState
 from connector.policy import budgets
 from connector.runtime import Runtime
+from connector.settings import Settings
 from connector.storage.db import UnitOfWork
 from connector.storage.models.payments import Payment
-from connector.x402.networks import default_confirmations, lookup
+from connector.x402.errors import UnknownNetwork
+from connector.x402.networks import default_confirmations, lookup, to_caip2
 
 log = get_logger(__name__)
 S = PaymentState
@@ -38,11 +40,24 @@ S = PaymentState
 MIN_WINDOW = timedelta(minutes=10)
 
 
-def finality_window(network: str) -> timedelta:
-    """Recheck for ten times the time its confirmations take, and never less than MIN_WINDOW."""
+def required_confirmations(settings: Settings, network: str) -> int:
+    """Blocks a transaction on ``network`` needs (its own included) before the connector counts
+    it: the operator's ``X402C_NETWORK_CONFIRMATIONS`` entry, else the registry's default (1 on
+    the dev chain and on sequencer chains)."""
+    try:
+        key = to_caip2(network)
+    except UnknownNetwork:
+        return 1
+    return settings.network_confirmations.get(key) or default_confirmations(key)
+
+
+def finality_window(network: str, confirmations: int | None = None) -> timedelta:
+    """Recheck for ten times the time its confirmations take (the network's default unless
+    given), and never less than MIN_WINDOW."""
     known = lookup(network)
     block_time = known.block_time_s if known else 2.0
-    return max(MIN_WINDOW, timedelta(seconds=10 * block_time * default_confirmations(network)))
+    depth = confirmations or default_confirmations(network)
+    return max(MIN_WINDOW, timedelta(seconds=10 * block_time * depth))
 
 
 def recheck_settlements(rt: Runtime, now: datetime | None = None, limit: int = 500) -> int:
@@ -67,7 +82,8 @@ def recheck_settlements(rt: Runtime, now: datetime | None = None, limit: int = 5
         )
     reverted = 0
     for payment in recent:
-        if payment.updated_at < now - finality_window(payment.network):
+        depth = required_confirmations(rt.settings, payment.network)
+        if payment.updated_at < now - finality_window(payment.network, depth):
             continue
         try:
             ctx = load_connection(rt, payment.connection_id)

@@ -7,7 +7,8 @@ payment's events gives its totals, and the totals decide the payment's headline 
 escrow payment from chain evidence: the actions call it with the events of the operation they
 just ran, reconciliation with everything the chain has. Applying the same events twice changes
 nothing (each event is keyed by transaction hash and log index), so actions and the reconciler
-may race freely.
+may race freely. An event counts only once it has the network's confirmations (the caller says
+which block is deep enough); a shallower one is skipped and applied by a later call.
 
 Each new escrow event becomes exactly one connector event on the payment: the headline
 transition's own event when the operation changes the headline (``authorized``, ``captured``,
@@ -125,9 +126,41 @@ def collected(payment: Payment) -> bool:
 
 
 def from_block(payment: Payment) -> int:
-    """The block of the payment's first escrow event (0 before any): where a history read of
-    this payment can start, so it never scans the chain from genesis once the payment is known."""
+    """The payment's lower bound: no escrow event of it can be older. Recorded when the payment
+    is created (the chain's head then, less a margin), else the block of its first escrow event
+    seen; 0 when none is recorded (an older record: see
+    :func:`connector.payments.escrow_sync.history_start`)."""
     return int((payment.escrow or {}).get("from_block") or 0)
+
+
+def scanned_to(payment: Payment) -> int:
+    """The last block whose logs a history read covered with every confirmed event of it
+    applied (0: none yet): the next read starts after it instead of reading again."""
+    return int((payment.escrow or {}).get("scanned_to") or 0)
+
+
+def last_block(payment: Payment) -> int:
+    """The block of the newest escrow event applied (0: none, or an older record)."""
+    return int((payment.escrow or {}).get("last_block") or 0)
+
+
+def counts(event: EscrowEvent, confirmed_through: int | None) -> bool:
+    """Whether ``event`` is deep enough to be applied: its block is at most
+    ``confirmed_through`` (the head less the network's confirmations, plus one). None: every
+    mined event counts (one confirmation: its own block)."""
+    return confirmed_through is None or event.block_number <= confirmed_through
+
+
+def record_scan(session: Session, payment: Payment, through: int, *, start: int = 0) -> None:
+    """Remember that the payment's logs were read through block ``through`` (and, for a record
+    without a lower bound, from ``start``), in the caller's transaction, under the payment's
+    optimistic lock. Never moves backwards."""
+    escrow = dict(payment.escrow or {})
+    escrow["scanned_to"] = max(scanned_to(payment), through)
+    if start and not from_block(payment):
+        escrow["from_block"] = start
+    if escrow != (payment.escrow or {}):
+        update_fields(session, payment, escrow=escrow)
 
 
 def budget_kept(totals: EscrowTotals) -> int:
@@ -154,9 +187,15 @@ def apply_escrow_events(
     payment: Payment,
     events: Iterable[EscrowEvent],
     *,
+    confirmed_through: int | None,
     now: datetime | None = None,
 ) -> bool:
     """Apply the escrow events not applied yet, in chain order; True when anything changed.
+
+    Only events deep enough count (:func:`counts`: at most ``confirmed_through``, the newest
+    block with the network's confirmations; None when one confirmation is enough). A shallower
+    event is left for a later call — the payment stays where it is meanwhile, which is an
+    unknown, never a failure — exactly as an ``exact`` settlement waits for its confirmations.
 
     One versioned write and one outbox event per new escrow event (so a payment's events keep
     the chain's order and each snapshot shows the amounts after its operation), in the caller's
@@ -171,7 +210,7 @@ def apply_escrow_events(
     seen = seen_keys(payment)
     known = set(seen)
     fresh = sorted(
-        (e for e in events if event_key(e) not in known),
+        (e for e in events if event_key(e) not in known and counts(e, confirmed_through)),
         key=lambda e: (e.block_number, e.log_index),
     )
     totals = totals_of(payment)
@@ -180,8 +219,14 @@ def apply_escrow_events(
         totals = totals.after(event)
         seen.append(event_key(event))
         changes = {
-            # Keys the totals do not own (the operator's in-flight operations, ``ops``) stay.
-            "escrow": {**(payment.escrow or {}), **totals.to_wire(seen), "from_block": first_block},
+            # Keys the totals do not own (the operator's in-flight operations, ``ops``; how far
+            # the history was read, ``scanned_to``) stay.
+            "escrow": {
+                **(payment.escrow or {}),
+                **totals.to_wire(seen),
+                "from_block": first_block,
+                "last_block": max(last_block(payment), event.block_number),
+            },
             "captured_amount": totals.captured,
             "refunded_amount": max(payment.refunded_amount, totals.refunded),
             "tx_hash": payment.tx_hash or event.tx_hash,

@@ -70,10 +70,14 @@ def terms_of(payment: Payment) -> tuple[ac.PaymentInfo, ac.Deployment]:
 
 
 def escrow_view(chain: ChainClient, payment: Payment) -> EscrowView:
-    """State and event history of the payment in the escrow (two reads)."""
+    """State and event history of the payment in the escrow (every mined event, from the
+    payment's lower bound, in ranges the provider accepts)."""
+    from connector.payments.escrow_sync import history_start  # it builds on this module
+
     info, deployment = terms_of(payment)
     escrow = EscrowClient(chain, deployment)
-    return EscrowView(info, deployment, escrow.state(info), escrow.history(info))
+    events = escrow.history(info, from_block=history_start(chain, payment))
+    return EscrowView(info, deployment, escrow.state(info), events)
 
 
 def reclaim(chain: ChainClient, payer: LocalAccount, payment: Payment) -> str:

@@ -20,6 +20,13 @@ operation left no trace.
 Operations on one payment are serialized through the ledger (``escrow.ops``): an operation is
 recorded before it is sent, under the payment's optimistic lock, and a second one waits
 (:class:`EscrowBusy`, retried) until the first has an outcome.
+
+Outcomes count only with the network's confirmations (``X402C_NETWORK_CONFIRMATIONS``, 1 on the
+dev chain): a transaction mined but not deep enough — collection, capture, void or refund,
+succeeded or reverted — is still pending (the paywall asks the payer to retry, an operation
+raises :class:`~connector.errors.SettlementPending`). An operation whose answer was lost and
+whose history shows escrow operations not confirmed yet is pending too, never sent again: it may
+be one of them.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from eth_utils.address import to_checksum_address
 from sqlmodel import Session
 
 from connector.actions.schemas import ReceiveInput
-from connector.chain.auth_capture import EscrowClient
+from connector.chain.auth_capture import EscrowSnapshot
 from connector.chain.client import ChainClient
 from connector.errors import (
     ConcurrentUpdate,
@@ -50,6 +57,7 @@ from connector.errors import (
 from connector.facilitator.client import FacilitatorError
 from connector.ids import new_id
 from connector.logs import get_logger
+from connector.payments import escrow_sync
 from connector.payments.context import ConnectionContext
 from connector.payments.escrow_ledger import apply_escrow_events, totals_of
 from connector.payments.machine import update_fields
@@ -340,6 +348,7 @@ class Mined:
 
     status: int | None
     events: list[ac.EscrowEvent]
+    block: int | None = None  # the block it was mined in
 
 
 def _events_in(logs: list[dict[str, Any]], terms: Terms) -> list[ac.EscrowEvent]:
@@ -361,11 +370,19 @@ def read_transaction(chain: ChainClient, tx_hash: str, terms: Terms) -> Mined:
     receipt = chain.get_receipt(tx_hash)
     if receipt is None:
         return Mined(None, [])
-    return Mined(receipt.status, _events_in(receipt.logs, terms) if receipt.status == 1 else [])
+    events = _events_in(receipt.logs, terms) if receipt.status == 1 else []
+    return Mined(receipt.status, events, receipt.block_number)
 
 
-def _history(chain: ChainClient, terms: Terms) -> list[ac.EscrowEvent]:
-    return EscrowClient(chain, terms.deployment).history(terms.info)
+def _read(rt: Runtime, chain: ChainClient, payment: Payment) -> EscrowSnapshot:
+    """The payment's escrow history since the last read, as of the newest block deep enough to
+    count (raises ExternalServiceError when the chain cannot be read)."""
+    return escrow_sync.read(chain, payment, depth=escrow_sync.confirmations(rt, payment))
+
+
+def _confirmed_block(rt: Runtime, chain: ChainClient, payment: Payment) -> int | None:
+    """The newest block whose events count now (None: every mined one, no read needed)."""
+    return escrow_sync.confirmed_block(chain, escrow_sync.confirmations(rt, payment))
 
 
 def _in_session(rt: Runtime, payment_id: str, work: Callable[[Session, Payment], T]) -> T:
@@ -388,12 +405,41 @@ def _in_session(rt: Runtime, payment_id: str, work: Callable[[Session, Payment],
     raise AssertionError("unreachable")
 
 
-def apply_events(rt: Runtime, payment_id: str, events: list[ac.EscrowEvent]) -> Payment:
+def apply_events(
+    rt: Runtime,
+    payment_id: str,
+    events: list[ac.EscrowEvent],
+    *,
+    confirmed_through: int | None,
+    scan: EscrowSnapshot | None = None,
+) -> Payment:
+    """Apply the events that count (see :func:`apply_escrow_events`); ``scan``: the history
+    read they come from, whose progress is remembered."""
+
     def work(session: Session, payment: Payment) -> Payment:
-        apply_escrow_events(session, payment, events)
+        changed = apply_escrow_events(session, payment, events, confirmed_through=confirmed_through)
+        if scan is not None:
+            escrow_sync.remember_scan(rt, session, payment, scan, changed)
         return payment
 
     return _in_session(rt, payment_id, work)
+
+
+def _apply_collection(
+    rt: Runtime,
+    payment_id: str,
+    events: list[ac.EscrowEvent],
+    confirmed_through: int | None,
+    tx_hash: str | None,
+    scan: EscrowSnapshot | None = None,
+) -> Payment:
+    """Apply a collection's events that count. One mined but not deep enough yet leaves the
+    payment ``settling`` with its transaction remembered: the next attempt (the payer asking
+    again, a job retry, the reconciler) reads that receipt again, never sends it again."""
+    payment = apply_events(rt, payment_id, events, confirmed_through=confirmed_through, scan=scan)
+    if payment.state == S.SETTLING.value:
+        return _remember_tx(rt, payment_id, tx_hash)
+    return payment
 
 
 # --------------------------------------------------------------------------------- collection
@@ -415,10 +461,11 @@ def collect(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
     if payment.tx_hash:
         try:
             mined = read_transaction(chain, payment.tx_hash, terms)
+            through = _confirmed_block(rt, chain, payment)
         except ExternalServiceError:
             return payment
         if mined.status == 1 and mined.events:
-            return apply_events(rt, payment.id, mined.events)
+            return _apply_collection(rt, payment.id, mined.events, through, payment.tx_hash)
         if mined.status is None:
             return payment
     facilitator = rt.facilitator(ctx.facilitator_url, ctx.api_key())
@@ -436,19 +483,22 @@ def collect(rt: Runtime, ctx: ConnectionContext, payment: Payment) -> Payment:
     if answer.get("success") and tx_hash:
         try:
             mined = read_transaction(chain, tx_hash, terms)
+            through = _confirmed_block(rt, chain, payment)
         except ExternalServiceError:
-            mined = Mined(None, [])
+            mined, through = Mined(None, []), None
         if mined.status == 1 and mined.events:
-            return apply_events(rt, payment.id, mined.events)
+            return _apply_collection(rt, payment.id, mined.events, through, tx_hash)
         return _remember_tx(rt, payment.id, tx_hash)
     verdict = outcome(rt, ctx, payment, tx_hash, pending=reason == SETTLEMENT_PENDING)
     if verdict.settled:  # the payer's authorization is used: the escrow collected it
         try:
-            events = _history(chain, terms)
+            snapshot: EscrowSnapshot | None = _read(rt, chain, payment)
         except ExternalServiceError:
-            events = []
-        if events:
-            return apply_events(rt, payment.id, events)
+            snapshot = None
+        if snapshot is not None and snapshot.events:
+            return _apply_collection(
+                rt, payment.id, snapshot.events, snapshot.block, verdict.tx_hash, snapshot
+            )
         return _remember_tx(rt, payment.id, verdict.tx_hash)
     if verdict.unknown:
         log.warning("escrow collection pending", extra={"payment_id": payment.id})
@@ -738,16 +788,26 @@ def _drive(
     stale = _now() - int(op.get("at", 0)) >= STALE_OPERATION_S
     if op.get("tried") or stale:
         try:
-            events = _history(chain, terms)
+            snapshot = _read(rt, chain, payment)
         except ExternalServiceError as exc:
             raise SettlementPending(
                 f"escrow {op['type']} of {payment_id}: chain unreadable; outcome unknown",
                 payment_id=payment_id,
             ) from exc
-        payment = apply_events(rt, payment_id, events)
+        payment = apply_events(
+            rt, payment_id, snapshot.events, confirmed_through=snapshot.block, scan=snapshot
+        )
         if _moved(payment, op):
-            tx = next((e.tx_hash for e in reversed(events)), None)
-            return _finish(rt, payment_id, key, tx, [])
+            tx = next((e.tx_hash for e in reversed(snapshot.confirmed)), None)
+            return _finish(rt, payment_id, key, tx, [], confirmed_through=None)
+        if snapshot.unconfirmed or not snapshot.complete:
+            # This operation may be among them: sending it again could do it twice. Its
+            # outcome is known once they count (or the history is read through the head).
+            raise SettlementPending(
+                f"escrow {op['type']} of {payment_id}: the escrow shows operations not "
+                "confirmed yet (or its history is still being read); outcome unknown",
+                payment_id=payment_id,
+            )
         if resume_only and stale:
             return _record_failure(rt, payment_id, key, "abandoned: never sent", None)
     if resume_only:
@@ -822,15 +882,33 @@ def _decide_by_receipt(
             payment_id=payment.id,
             tx_hash=tx_hash,
         )
+    try:
+        through = _confirmed_block(rt, chain, payment)
+    except ExternalServiceError as exc:
+        raise SettlementPending(
+            f"escrow {op['type']} of {payment.id}: chain unreadable; outcome unknown",
+            payment_id=payment.id,
+            tx_hash=tx_hash,
+        ) from exc
+    if through is not None and mined.block is not None and mined.block > through:
+        # Mined, not deep enough: a reorganization may still undo it (or, reverted, include
+        # it again). Decided either way only with the network's confirmations.
+        raise SettlementPending(
+            f"escrow {op['type']} of {payment.id}: transaction {tx_hash} mined in block "
+            f"{mined.block}, not confirmed yet",
+            payment_id=payment.id,
+            tx_hash=tx_hash,
+        )
     if mined.status != 1:
         return _record_failure(rt, payment.id, str(op["key"]), ac.TRANSACTION_REVERTED, tx_hash)
     events = mined.events
     if not events:  # mined without this payment's events (not expected): ask the history
         try:
-            events = _history(chain, terms)
+            snapshot = _read(rt, chain, payment)
+            events, through = snapshot.events, snapshot.block
         except ExternalServiceError:
             events = []
-    return _finish(rt, payment.id, str(op["key"]), tx_hash, events)
+    return _finish(rt, payment.id, str(op["key"]), tx_hash, events, confirmed_through=through)
 
 
 def _claim_send(rt: Runtime, payment_id: str, key: str, seen: int) -> bool:
@@ -861,7 +939,13 @@ def _update_op(rt: Runtime, payment_id: str, key: str, **changes: Any) -> None:
 
 
 def _finish(
-    rt: Runtime, payment_id: str, key: str, tx_hash: str | None, events: list[ac.EscrowEvent]
+    rt: Runtime,
+    payment_id: str,
+    key: str,
+    tx_hash: str | None,
+    events: list[ac.EscrowEvent],
+    *,
+    confirmed_through: int | None,
 ) -> tuple[Payment, Refund | None]:
     """Apply the operation's escrow events and mark it done, in one transaction (a refund's row
     succeeds in it too; a hold voided whole frees its paywall slot as an exact hold's void does)."""
@@ -870,7 +954,7 @@ def _finish(
 
     def work(session: Session, payment: Payment) -> tuple[Payment, Refund | None]:
         before = payment.state
-        apply_escrow_events(session, payment, events)
+        apply_escrow_events(session, payment, events, confirmed_through=confirmed_through)
         op = _find(payment, key)
         assert op is not None
         refund = session.get(Refund, op["refund_id"]) if op.get("refund_id") else None

@@ -10,9 +10,10 @@
 * Budget reservations of failed payments are released once their authorization has expired
   unused — before that the money could still move, so the budget keeps it (fail closed).
 * On-chain escrow (``authCapture``) payments are reconciled from the escrow contract: their
-  events (read with ``paymentState`` at one block) are applied to the payment, so a capture,
-  void, refund or reclaim done outside the connector is picked up; a disagreement between the
-  events, our ledger and ``paymentState`` is logged and counted.
+  events (read with ``paymentState`` as of one block, in bounded log ranges) are applied to the
+  payment once they have the network's confirmations, so a capture, void, refund or reclaim
+  done outside the connector is picked up; a disagreement between the events, our ledger and
+  ``paymentState`` is logged and counted.
 """
 
 from __future__ import annotations
@@ -253,9 +254,11 @@ def _escrow_settled_for_good(payment: Payment, now: datetime) -> bool:
 
 
 def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
-    """Read each watched escrow payment's events and ``paymentState`` at one block and apply
-    what is new (:func:`connector.payments.escrow_sync.read_many`: a few JSON-RPC batches per
-    chain, not two round trips per payment): both directions, whoever did the operation. A
+    """Read each watched escrow payment's events and ``paymentState`` as of one block and apply
+    what is new and deep enough (:func:`connector.payments.escrow_sync.read_many`: a few JSON-RPC
+    batches per chain, not two round trips per payment; each payment's logs from where its last
+    read stopped, in bounded ranges; the state as of the newest block with the network's
+    confirmations): both directions, whoever did the operation. A
     collection in flight that the escrow does not show is decided like an ``exact`` settlement:
     unused nonce past its deadline → ``failed`` (reservation released, paywall slot given
     back); otherwise it is driven again with the same authorization. Returns how many payments
@@ -282,8 +285,12 @@ def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
     changed = 0
     for rpc_url, group in by_chain.items():
         failures: dict[str, int] = rt._cached(("escrow_unreadable_passes",), dict)
+        # One chain per RPC URL: its payments' networks agree; the deepest requirement wins.
+        depth = max(escrow_sync.confirmations(rt, payment) for payment, _ in group)
         try:
-            read = escrow_sync.read_many(rt.chain(rpc_url), [payment for payment, _ in group])
+            read = escrow_sync.read_many(
+                rt.chain(rpc_url), [payment for payment, _ in group], depth=depth
+            )
         except ExternalServiceError as exc:
             failures[rpc_url] = failures.get(rpc_url, 0) + 1
             # One missed pass is routine (a slow node, a restart): the next pass reads it, and
@@ -297,6 +304,8 @@ def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
                 extra={
                     "payments": len(group),
                     "error": type(exc).__name__,
+                    # the node's own words: "block range too large" names the setting to lower
+                    "detail": exc.detail[:200],
                     "consecutive_passes": failures[rpc_url],
                 },
             )
@@ -310,21 +319,16 @@ def _reconcile_escrow(rt: Runtime, now: datetime) -> int:
 def _reconcile_one_escrow(
     rt: Runtime, ctx: ConnectionContext, payment: Payment, snapshot: EscrowSnapshot, now: datetime
 ) -> int:
-    if snapshot.events:
-        try:
-            applied = escrow_sync.apply(rt, payment, snapshot.events, now=now)
-        except (ConcurrentUpdate, IllegalTransition):
-            return 0
-        if not escrow_sync.ledger_matches(applied.payment, snapshot.state):
-            escrow_sync.mismatch(
-                applied.payment,
-                "ledger",
-                escrow_ledger.totals_of(applied.payment),
-                snapshot.state,
-                snapshot.block,
-            )
+    try:
+        applied = escrow_sync.apply_read(rt, payment, snapshot, now=now)
+    except (ConcurrentUpdate, IllegalTransition):
+        return 0
+    if escrow_ledger.collected(applied.payment) or snapshot.confirmed:
+        escrow_sync.check_ledger(applied.payment, snapshot)
         return int(applied.changed)
-    if payment.state != S.SETTLING.value:
+    if snapshot.unconfirmed or not snapshot.complete or payment.state != S.SETTLING.value:
+        # Mined but not deep enough yet, or a long history still being read: the next pass
+        # goes on from here. Nothing is decided from a partial picture.
         return 0
     try:
         used = authorization_used(rt, ctx.rpc_url, payment)
@@ -471,11 +475,12 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
 
     try:
         ctx = load_connection(rt, payment.connection_id)
-        snapshot = escrow_sync.read(rt.chain(ctx.rpc_url), payment)
+        depth = escrow_sync.confirmations(rt, payment)
+        snapshot = escrow_sync.read(rt.chain(ctx.rpc_url), payment, depth=depth)
     except (ExternalServiceError, ValidationFailed):
         return 0
-    if not snapshot.events:
-        return 0
+    if not snapshot.confirmed:
+        return 0  # nothing that counts yet (or nothing at all): next pass
     failed_because = payment.failure_reason
 
     def then(session: Session, current: Payment) -> None:
@@ -488,7 +493,7 @@ def _escrow_funded_late(rt: Runtime, payment: Payment, now: datetime) -> int:
         )
 
     try:
-        applied = escrow_sync.apply(rt, payment, snapshot.events, now=now, then=then)
+        applied = escrow_sync.apply_read(rt, payment, snapshot, now=now, then=then)
     except (ConcurrentUpdate, IllegalTransition):
         return 0
     if applied.changed:

@@ -36,7 +36,7 @@ from connector.errors import ConcurrentUpdate, ConnectorError, NotFound, WalletK
 from connector.facilitator.client import FacilitatorError
 from connector.ids import new_id
 from connector.logs import get_logger
-from connector.payments import escrow_operator, offers
+from connector.payments import escrow_operator, escrow_sync, offers
 from connector.payments.claim import record_and_claim
 from connector.payments.context import ConnectionContext
 from connector.payments.machine import (
@@ -306,7 +306,10 @@ def handle_paywall(
         # On-chain escrow: the collection goes to the facilitator at once; ``authorized`` (held
         # by the contract) or ``captured`` (charged) comes from the chain's events afterwards.
         # No ``hold_expires_at``: the escrow's capture deadline governs the hold, not ours.
-        steps = [Step(S.SETTLING, {"settle_attempts": 1})]
+        # Its history is read from a lower bound recorded now (the head, less a margin): no
+        # event of it can be older, and providers refuse log queries from genesis.
+        bound = escrow_sync.bound_fields(rt.chain(ctx.rpc_url))
+        steps = [Step(S.SETTLING, {"settle_attempts": 1, **bound})]
     else:
         steps = [
             Step(

@@ -44,7 +44,7 @@ from connector.jobs import link_payment
 from connector.logs import get_logger
 from connector.payments import escrow_sync
 from connector.payments.context import ConnectionContext
-from connector.payments.escrow_ledger import collected
+from connector.payments.escrow_ledger import collected, counts
 from connector.payments.http_fetch import Fetched, FetchFailed, same_origin, without_credentials
 from connector.payments.machine import Step, advance, insert_payment, transition, update_fields
 from connector.payments.onchain import SETTLEMENT_PENDING, authorization_used, outcome
@@ -170,6 +170,12 @@ def prepare_send(
         dry_run=inp.dry_run or ctx.policy.dry_run,
         metadata_=dict(inp.metadata) or None,
     )
+    # An escrow payment's history is read from a lower bound recorded now (the head, less a
+    # margin): no event of it can be older, and providers refuse log queries from genesis.
+    # Read before the transaction opens (always a URL payment: nothing of the caller's is open).
+    bound = (
+        escrow_sync.bound_fields(rt.chain(ctx.rpc_url)) if escrow_sync.is_escrow(payment) else {}
+    )
     with _same_or_new(rt, uow) as uow:
         steps = decide(
             uow.session, rt, ctx, payment, requirement, resource, refusal, inp.max_amount, now,
@@ -180,7 +186,7 @@ def prepare_send(
             # An escrow collection goes to the seller at once (``created -> settling``): for
             # it ``authorized`` means "held by the escrow contract", which only the chain says.
             signed = steps.pop()
-            steps.append(Step(S.SETTLING, {**signed.changes, "settle_attempts": 1}))
+            steps.append(Step(S.SETTLING, {**signed.changes, **bound, "settle_attempts": 1}))
         elif counted:
             # Signed: hand it to settlement in the same commit. The authorization is stored
             # before anything uses it, and a crash from here on leaves a visible ``settling``
@@ -541,13 +547,23 @@ def _finish_escrow(
     read the outcome stays unknown (``settling``, retried; the reconciler reads them too)."""
     if payment.state != S.SETTLING.value:
         return payment
+    depth = escrow_sync.confirmations(rt, payment)
     try:
-        events = escrow_sync.collection_events(rt.chain(ctx.rpc_url), payment, tx_hash)
+        events, through = escrow_sync.collection_events(
+            rt.chain(ctx.rpc_url), payment, tx_hash, depth=depth
+        )
     except ExternalServiceError:
         log.warning("escrow events unreadable", extra={"payment_id": payment.id})
-        events = []
+        events, through = [], None
     if not events:
         raise _pending(rt, payment, tx_hash, "escrow collection not visible yet", response)
+    if not any(e.name in escrow_sync.COLLECTIONS and counts(e, through) for e in events):
+        # Mined, not deep enough: the payment stays ``settling`` until its confirmations
+        # (the job's retry or the reconciler applies it then), as an ``exact`` one would.
+        raise _pending(
+            rt, payment, tx_hash, f"escrow collection mined, waiting for {depth} confirmations",
+            response,
+        )  # fmt: skip
 
     def then(session: Session, current: Payment) -> None:
         if response is not None:
@@ -555,7 +571,7 @@ def _finish_escrow(
         if on_final is not None:
             on_final(session, current)
 
-    applied = escrow_sync.apply(rt, payment, events, then=then)
+    applied = escrow_sync.apply(rt, payment, events, confirmed_through=through, then=then)
     return applied.payment
 
 

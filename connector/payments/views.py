@@ -62,6 +62,6 @@ def _escrow_view(ledger: dict[str, Any] | None) -> dict[str, Any] | None:
     return amounts if "held" in amounts else None
 
 
-#: Ledger keys that are not amounts: applied event keys, the block a history read starts at,
-#: the operator's in-flight operations.
-_LEDGER_INTERNAL = frozenset({"seen", "from_block", "ops"})
+#: Ledger keys that are not amounts: applied event keys, the payment's lower bound, how far its
+#: history was read, the block of its newest applied event, the operator's in-flight operations.
+_LEDGER_INTERNAL = frozenset({"seen", "from_block", "scanned_to", "last_block", "ops"})

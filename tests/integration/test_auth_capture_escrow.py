@@ -123,7 +123,7 @@ def test_authorize_capture_twice_refund_part_void_rest(
     assert chain_client.token_balance(chain.token, store) == 0
 
     # the escrow's logs replay to the same state (what reconciliation relies on)
-    history = escrow.history(info)
+    history = escrow.history(info, from_block=0)
     assert [(e.name, e.amount) for e in history] == [
         ("PaymentAuthorized", 1_000_000),
         ("PaymentCaptured", 300_000),
@@ -163,7 +163,7 @@ def test_charge_pays_out_at_once_and_returns_the_unused_maximum(
         before[2] + fee,
     ]
     assert escrow.state(info) == ac.EscrowState(True, 0, 333_333)
-    (charged,) = escrow.history(info)
+    (charged,) = escrow.history(info, from_block=0)
     assert (charged.name, charged.amount, charged.fee_bps) == ("PaymentCharged", 333_333, 750)
     assert chain_client.token_balance(chain.token, dep.eip3009_collector) == 0
 
@@ -196,7 +196,7 @@ def test_reclaim_by_the_payer_only_after_the_capture_deadline(
     assert chain_client.token_balance(chain.token, p.payer.address) == held_payer + 400_000
     assert escrow.state(info) == ac.EscrowState(True, 0, 0)
     # a reclaim done by the payer alone shows up in the payment's history
-    history = escrow.history(info)
+    history = escrow.history(info, from_block=0)
     assert [(e.connector_event, e.amount) for e in history] == [
         ("payment.authorized", 400_000),
         ("payment.reclaimed", 400_000),

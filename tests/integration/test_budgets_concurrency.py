@@ -118,14 +118,15 @@ def test_escrow_returns_reach_the_budget_exactly_once_under_racing_appliers(
         start.wait()
         # losing every retry to the others is allowed: the final apply below catches up
         with contextlib.suppress(ConcurrentUpdate):
-            escrow_sync.apply(rt, mine, events[:upto])
+            escrow_sync.apply(rt, mine, events[:upto], confirmed_through=None)
 
     workers = [threading.Thread(target=applier, args=(1 + i % 3,)) for i in range(start.parties)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(timeout=60)
-    escrow_sync.apply(rt, payment, events)  # whatever the race left, the rest
+    # whatever the race left, the rest
+    escrow_sync.apply(rt, payment, events, confirmed_through=None)
     with transaction(engine) as s:
         final = s.get(Payment, payment.id)
         row = s.execute(

@@ -55,7 +55,7 @@ def _payment(engine: Engine, *, funded: bool) -> str:
         )  # fmt: skip
         if funded:
             held = EscrowEvent("PaymentAuthorized", 500, "0x" + "cd" * 32, 7, 3)
-            escrow_ledger.apply_escrow_events(s, payment, [held])
+            escrow_ledger.apply_escrow_events(s, payment, [held], confirmed_through=None)
     return payment.id
 
 

@@ -142,9 +142,9 @@ def test_applying_escrow_events_keeps_the_ledgers_other_keys(engine: Engine) -> 
     ops = [{"key": "job_1", "type": "capture", "status": "pending", "tx_hash": "0x1"}]
     with transaction(engine) as s:
         p = insert_payment(s, new_payment(), then=[Step(S.SETTLING)])
-        apply_escrow_events(s, p, [event("PaymentAuthorized", 100, 1)])
+        apply_escrow_events(s, p, [event("PaymentAuthorized", 100, 1)], confirmed_through=None)
         update_fields(s, p, escrow={**(p.escrow or {}), "ops": ops})
-        apply_escrow_events(s, p, [event("PaymentCaptured", 40, 2)])
+        apply_escrow_events(s, p, [event("PaymentCaptured", 40, 2)], confirmed_through=None)
     with transaction(engine) as s:
         stored = s.get(Payment, p.id)
         assert stored is not None and stored.state == "captured"
