@@ -131,7 +131,9 @@ def networks_page() -> str:
         "",
         "Confirmations are our policy, not a fact: 1 on rollups with a sequencer and on",
         "fast-finality chains, 2 on Ethereum, 5 on Polygon PoS, 1 on test networks. A",
-        "facilitator operator overrides them per network (`confirmations` in its config).",
+        "facilitator operator overrides them per network (`confirmations` in its config), and",
+        "so does a connector operator for the on-chain escrow events the connector applies",
+        "(`X402C_NETWORK_CONFIRMATIONS`, see [escrow.md](escrow.md#confirmations)).",
         "",
         "| network | CAIP-2 | v1 name | chain id | USDC | EIP-712 domain | block time "
         "| confirmations |",
