@@ -31,7 +31,9 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
 
 
 def transport_for(broker_url: str) -> str | None:
-    """Our transport's path for a plain Redis broker URL; None keeps kombu's choice."""
+    """Our transport's path for a plain Redis or in-memory broker URL; None keeps kombu's."""
     if broker_url.startswith(("redis://", "rediss://")):
         return f"{__name__}:Transport"
+    if broker_url.startswith("memory://"):
+        return "workers.memory_transport:Transport"
     return None

@@ -35,8 +35,8 @@ SCRIPT = textwrap.dedent(
     @celery_app.task(name="tests.slow")
     def slow() -> None:
         started.set()
-        # Longer than the worker takes to stop when idle (~5 s: two 2 s broker polls).
-        time.sleep(8)
+        # Far longer than an idle worker takes to stop (~0.1 s; see workers/memory_transport.py).
+        time.sleep(3)
         finished.set()
 
     data = Path(sys.argv[1])

@@ -22,10 +22,37 @@ def test_a_redis_broker_uses_our_transport_and_one_sync_client(tmp_path: Path) -
         assert channel._create_client(asynchronous=True) is not first
 
 
-@pytest.mark.parametrize("url", ["memory://", "sentinel://127.0.0.1:26379"])
+@pytest.mark.parametrize("url", ["sentinel://127.0.0.1:26379", "amqp://127.0.0.1:5672//"])
 def test_other_brokers_keep_kombus_transport(tmp_path: Path, url: str) -> None:
     app = make_celery(Settings(broker_url=url, data_dir=tmp_path))
     assert app.conf.broker_transport is None
+
+
+def test_the_embedded_broker_waits_at_most_a_tenth_of_a_second_when_idle(tmp_path: Path) -> None:
+    """Celery's blocking loop asks for 2 s waits; ours returns after 0.1 s without a message, so
+    an idle embedded worker notices a shutdown at once (checked by the wait it asks for, not by
+    a clock)."""
+    from kombu.transport import memory as kombu_memory
+
+    from workers.memory_transport import IDLE_WAIT_S, Transport
+
+    app = make_celery(Settings(broker_url="memory://localhost/", data_dir=tmp_path))
+    assert app.conf.broker_transport == "workers.memory_transport:Transport"
+    asked: list[float | None] = []
+
+    def record(self: object, connection: object, timeout: float | None = None) -> None:
+        asked.append(timeout)
+
+    original = kombu_memory.Transport.drain_events
+    kombu_memory.Transport.drain_events = record  # type: ignore[method-assign]
+    try:
+        transport = Transport.__new__(Transport)
+        transport.drain_events(None, timeout=2.0)
+        transport.drain_events(None)
+        transport.drain_events(None, timeout=0.01)
+    finally:
+        kombu_memory.Transport.drain_events = original  # type: ignore[method-assign]
+    assert asked == [IDLE_WAIT_S, IDLE_WAIT_S, 0.01]
 
 
 @pytest.mark.redis
