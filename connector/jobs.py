@@ -316,12 +316,47 @@ _CLAIM = (
     )
 )
 _UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("b_id"))
+#: A run's own write to its job: only while the row still carries that run's claim (the fence is
+#: part of the write's WHERE: the same single statement, no read before it).
+_UPDATE_CLAIMED = _UPDATE_JOB.where(JOBS.c.attempts == bindparam("b_claim"))
 _INSERT_JOB = insert(JOBS)
 
 
-def link_payment(session: Session, job_id: str, payment_id: str) -> None:
-    """Record which payment a job made (in the transaction that creates the payment)."""
-    session.execute(_UPDATE_JOB, {"payment_id": payment_id, "b_id": job_id})
+def update_job(session: Session, job_id: str, values: dict[str, Any], claim: int | None) -> bool:
+    """Write ``values`` to a job row; whether the row was written.
+
+    ``claim``: the attempt number of the run that writes (:attr:`ClaimedJob.attempts`). A run
+    writes to its job only while no later claim took the job over: a run that outlived its lease
+    (the ``threads`` and ``solo`` pools do not enforce the task time limit) and whose job the
+    stale-job sweep sent to another worker must neither overwrite that run's outcome nor put the
+    job it runs back in the queue. Its write is refused (False). ``None``: not a run's write (a
+    job following its payment, from approvals or the reconciler): unfenced.
+    """
+    if claim is None:
+        result = session.execute(_UPDATE_JOB, {**values, "b_id": job_id})
+    else:
+        result = session.execute(_UPDATE_CLAIMED, {**values, "b_id": job_id, "b_claim": claim})
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+class JobTakenOver(Exception):
+    """A run's write to its job was refused: a later claim took the job over (see
+    :func:`update_job`). Raised only once the run may stop: the transaction of the refused write
+    was rolled back (a payment not created), or the money it had to record committed without it
+    (a send's final payment state). The newer run does the work and records the outcome."""
+
+    def __init__(self, job_id: str, claim: int) -> None:
+        super().__init__(f"job {job_id} was taken over by a claim after attempt {claim}")
+        self.job_id = job_id
+        self.claim = claim
+
+
+def link_payment(
+    session: Session, job_id: str, payment_id: str, *, claim: int | None = None
+) -> bool:
+    """Record which payment a job made (in the transaction that creates the payment); whether it
+    was recorded (``claim``: the run's attempt number, see :func:`update_job`)."""
+    return update_job(session, job_id, {"payment_id": payment_id}, claim)
 
 
 def claim_job(
@@ -359,10 +394,13 @@ def set_job_status(
     *,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
-) -> None:
+    claim: int | None = None,
+) -> bool:
+    """Set a job's status; whether it was set (``claim``: the writing run's attempt number, see
+    :func:`update_job`)."""
     values: dict[str, Any] = {"status": status, "updated_at": datetime.now(UTC)}
     if result is not None:
         values["result"] = result
     if error is not None:
         values["error"] = error
-    session.execute(_UPDATE_JOB, {**values, "b_id": job_id})
+    return update_job(session, job_id, values, claim)

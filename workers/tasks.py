@@ -74,7 +74,8 @@ def run_job(self: Task, job_id: str, claimed: int | None = None) -> str:
 
     Returns only the job's outcome: the result itself lives in the job row (``GET /v1/jobs``),
     so it is neither copied into a result backend nor into Celery's own task log. ``running``:
-    another worker holds the job (this message is a duplicate); it is acknowledged and dropped.
+    another worker holds the job (this message is a duplicate, or the job was taken over from this
+    run after its lease expired: its writes were refused); it is acknowledged and dropped.
 
     ``claimed``: set by this task's own retry — the attempt number of the claim the failed run
     committed. The job may still say ``running`` under it (a dropped connection wrote nothing

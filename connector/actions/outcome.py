@@ -30,11 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, select
 from sqlmodel import Session, SQLModel
 
 from connector.actions import schemas as s
 from connector.errors import ConnectorError, ExternalServiceError, PolicyRefused
+from connector.jobs import update_job
 from connector.payments.states import PaymentState
 from connector.payments.views import payment_snapshot
 from connector.storage.models.payments import Payment, Refund
@@ -80,7 +81,6 @@ SEND_STATUS: dict[PaymentState, str] = {
 }
 
 _JOBS: Table = SQLModel.metadata.tables["jobs"]
-_WRITE = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"))
 
 
 @dataclass(frozen=True)
@@ -296,9 +296,21 @@ def refund_result(refund: Refund, payment: Payment) -> dict[str, Any]:
     return output.model_dump(mode="json", by_alias=True)
 
 
-def write(session: Session, job_id: str, outcome: Outcome, payment_id: str | None = None) -> None:
+def write(
+    session: Session,
+    job_id: str,
+    outcome: Outcome,
+    payment_id: str | None = None,
+    *,
+    claim: int | None = None,
+) -> bool:
     """Record an outcome on the job row (status, result and error together; a stale error from an
-    earlier retry is cleared)."""
+    earlier retry is cleared); whether it was recorded.
+
+    ``claim``: the attempt number of the run writing its own outcome. It is refused once a later
+    claim took the job over (see :func:`connector.jobs.update_job`). Jobs that follow their
+    payment are written without it: whoever moves the payment reports it.
+    """
     from datetime import UTC, datetime
 
     values: dict[str, Any] = {
@@ -306,11 +318,10 @@ def write(session: Session, job_id: str, outcome: Outcome, payment_id: str | Non
         "result": outcome.result,
         "error": outcome.error,
         "updated_at": datetime.now(UTC),
-        "b_id": job_id,
     }
     if payment_id is not None:
         values["payment_id"] = payment_id
-    session.execute(_WRITE, values)
+    return update_job(session, job_id, values, claim)
 
 
 # ------------------------------------------------------------------ jobs that follow a payment

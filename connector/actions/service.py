@@ -21,7 +21,15 @@ from connector.actions import outcome
 from connector.actions import schemas as s
 from connector.actions.registry import BY_KEY
 from connector.errors import ConcurrentUpdate, ConnectorError, ExternalServiceError, NotFound
-from connector.jobs import ClaimedJob, Handover, claim_job, job_lease, set_job_status
+from connector.jobs import (
+    ClaimedJob,
+    Handover,
+    JobTakenOver,
+    claim_job,
+    get_job,
+    job_lease,
+    set_job_status,
+)
 from connector.logs import get_logger
 from connector.metrics import ACTION_SECONDS
 from connector.payments import escrow, escrow_ledger, escrow_sync, receive, refunds, send
@@ -73,7 +81,14 @@ def _send(
     """``claim``: the job's uncommitted claim; a first direct send commits it with the payment."""
     fresh = job.payment_id is None
     prepared = send.prepare_send(
-        rt, ctx, inp, idempotency_key=job.id, job_id=job.id, known_new=fresh, uow=claim
+        rt,
+        ctx,
+        inp,
+        idempotency_key=job.id,
+        job_id=job.id,
+        job_claim=job.attempts,
+        known_new=fresh,
+        uow=claim,
     )
     if prepared.payment is None:
         assert prepared.probe is not None
@@ -82,18 +97,29 @@ def _send(
         )
     payment = prepared.payment
     written: list[outcome.Outcome] = []
+    refused: list[outcome.Outcome] = []
 
     def record(session: Session, final: Payment) -> None:
         # The job's outcome commits with the payment's final state: one transaction, and no
         # window in which a settled payment's job still looks unfinished.
         found = outcome.outcome_of("send", outcome.send_result(final))
-        outcome.write(session, job.id, found)
-        written.append(found)
+        if outcome.write(session, job.id, found, claim=job.attempts):
+            written.append(found)
+            return
+        # A later claim took the job over (this run outlived its lease). Never raise here: the
+        # payment's final state is what happened and commits all the same. The job row is the
+        # newer run's; jobs that follow the payment are brought up to date as they would be
+        # had no job of its own settled it (one the newer run holds is not touched: it finds
+        # the payment final and reports it).
+        refused.append(found)
+        outcome.follow_payment(session, final)
 
     if prepared.counted:
         payment, _ = send.attempt_send(rt, ctx, payment, inp, on_final=record)
     elif payment.state in (PaymentState.AUTHORIZED, PaymentState.SETTLING):
         payment, _ = send.execute_send(rt, ctx, payment.id)
+    if refused:  # the payment's transaction has committed: now the run may stop
+        raise JobTakenOver(job.id, job.attempts)
     if written:
         return Done(written[0])
     return _send_output(payment)
@@ -264,7 +290,9 @@ def run(rt: Runtime, job_id: str, handover: Handover | None = None) -> outcome.O
     """Run a job and return its outcome (status, result, error) as recorded on the job row.
 
     ``running``: another worker holds the job's lease (this is a second delivery of its task);
-    nothing was run or changed, and that worker records the outcome. ``handover``: the claim of
+    nothing was run or changed, and that worker records the outcome. A run whose job a later
+    claim took over while it worked returns what the row holds, its own writes refused (see
+    :func:`_taken_over`). ``handover``: the claim of
     the task run this one retries (see :class:`Handover`); it is updated with this run's claim
     once committed, for the next retry.
     """
@@ -324,30 +352,31 @@ def _run(
             claim.commit()
             ctx = ctx or load_connection(rt, job.connection_id)
             output = HANDLERS[job.action](rt, ctx, inp, job)
+    except JobTakenOver:
+        claim.rollback()  # (a no-op once committed) see JobTakenOver
+        return _taken_over(rt, job)
     except ExternalServiceError as exc:
         claim.rollback()  # (a no-op once committed) the job row must be free for the next write
         if exc.retryable:
-            with UnitOfWork(rt.engine) as uow:
-                set_job_status(uow.session, job.id, "queued", error=problem(exc))
-                uow.commit()
+            if not _requeue(rt, job, problem(exc)):
+                return _taken_over(rt, job)  # the newer run retries, not this task
             raise
-        return _fail(rt, job.id, problem(exc))
+        return _fail(rt, job, problem(exc))
     except ConcurrentUpdate as exc:
         # Lost a race with another worker on the same payment: nothing of this run committed.
         # Run again from the stored state (a retry), never report it as the action's outcome.
         claim.rollback()
-        with UnitOfWork(rt.engine) as uow:
-            set_job_status(uow.session, job.id, "queued", error=problem(exc))
-            uow.commit()
+        if not _requeue(rt, job, problem(exc)):
+            return _taken_over(rt, job)
         raise
     except ConnectorError as exc:
         claim.rollback()
-        return _fail(rt, job.id, problem(exc))
+        return _fail(rt, job, problem(exc))
     except ValidationError as exc:
         claim.rollback()
         return _fail(
             rt,
-            job.id,
+            job,
             outcome.problem(
                 "validation_failed",
                 "Validation failed",
@@ -364,7 +393,7 @@ def _run(
         # gone): the task retries it at once.
         claim.rollback()
         if not is_connection_error(exc):
-            _requeue_after(rt, job.id, exc)
+            _requeue_after(rt, job, exc)
         raise
     if isinstance(output, Done):
         return output.outcome
@@ -378,17 +407,47 @@ def _record(rt: Runtime, job: ClaimedJob, output: BaseModel) -> outcome.Outcome:
     linked = getattr(output, "payment", None)
     payment_id = linked.id if job.action != "send" and isinstance(linked, s.PaymentView) else None
     with UnitOfWork(rt.engine) as uow:
-        outcome.write(uow.session, job.id, found, payment_id=payment_id)
+        written = outcome.write(
+            uow.session, job.id, found, payment_id=payment_id, claim=job.attempts
+        )
         uow.commit()
-    return found
+    return found if written else _taken_over(rt, job)
 
 
-def _requeue_after(rt: Runtime, job_id: str, exc: Exception) -> None:
+def _requeue(rt: Runtime, job: ClaimedJob, error: dict[str, Any]) -> bool:
+    """Put the job back in ``queued`` with the reason, for the task's retry; False when a later
+    claim took the job over (nothing written: the job is not this run's to requeue)."""
+    with UnitOfWork(rt.engine) as uow:
+        written = set_job_status(uow.session, job.id, "queued", error=error, claim=job.attempts)
+        uow.commit()
+    return written
+
+
+def _taken_over(rt: Runtime, job: ClaimedJob) -> outcome.Outcome:
+    """This run's write to its job was refused: a later claim took the job over while this run
+    still worked (it outlived its lease, which the ``threads`` and ``solo`` pools do not stop).
+
+    The job is the newer run's, which records its outcome; this run reports the outcome the row
+    holds now (often ``running``) instead of its own, and its task is not retried. Nothing it
+    did is lost: an action resumes through the job id (the same payment, refund or capture).
+    """
+    with UnitOfWork(rt.engine) as uow:
+        row = get_job(uow.session, job.id)
+    log.warning(
+        "job taken over by a later claim: this run's write was refused",
+        extra={"job_id": job.id, "claim_attempts": job.attempts, "row_attempts": row.attempts},
+    )
+    return outcome.Outcome(row.status, row.result, row.error)
+
+
+def _requeue_after(rt: Runtime, job: ClaimedJob, exc: Exception) -> None:
     """Record an unexpected failure on the job, back in ``queued`` (the sweep sends it again).
 
     Only the exception's type is recorded and logged here: a database error's text carries the
-    statement's parameters, which may include a signed authorization.
+    statement's parameters, which may include a signed authorization. A job another claim took
+    over is not touched (the exception is raised all the same: a bug stays the task's failure).
     """
+    job_id = job.id
     name = type(exc).__name__
     log.error("job failed unexpectedly", extra={"job_id": job_id, "error": name})
     error = outcome.problem(
@@ -399,17 +458,18 @@ def _requeue_after(rt: Runtime, job_id: str, exc: Exception) -> None:
         retryable=True,
     )
     try:
-        with UnitOfWork(rt.engine) as uow:
-            set_job_status(uow.session, job_id, "queued", error=error)
-            uow.commit()
+        if not _requeue(rt, job, error):
+            _taken_over(rt, job)
     except Exception:  # the original failure is the one to report
         log.warning("could not record the failure on the job", extra={"job_id": job_id})
 
 
-def _fail(rt: Runtime, job_id: str, error: dict[str, Any]) -> outcome.Outcome:
-    log.info("job failed", extra={"job_id": job_id, "problem": error.get("type")})
+def _fail(rt: Runtime, job: ClaimedJob, error: dict[str, Any]) -> outcome.Outcome:
     found = outcome.Outcome(outcome.FAILED, None, error)
     with UnitOfWork(rt.engine) as uow:
-        outcome.write(uow.session, job_id, found)
+        written = outcome.write(uow.session, job.id, found, claim=job.attempts)
         uow.commit()
+    if not written:
+        return _taken_over(rt, job)
+    log.info("job failed", extra={"job_id": job.id, "problem": error.get("type")})
     return found

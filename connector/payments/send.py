@@ -40,7 +40,7 @@ from connector.errors import (
     WalletKeyMissing,
 )
 from connector.ids import new_id
-from connector.jobs import link_payment
+from connector.jobs import JobTakenOver, link_payment
 from connector.logs import get_logger
 from connector.payments import escrow_sync
 from connector.payments.context import ConnectionContext
@@ -95,6 +95,7 @@ def prepare_send(
     *,
     idempotency_key: str | None,
     job_id: str | None = None,
+    job_claim: int | None = None,
     now: datetime | None = None,
     known_new: bool = False,
     uow: UnitOfWork | None = None,
@@ -105,6 +106,9 @@ def prepare_send(
     payment linked yet), which saves the lookup; the unique key still guards against a race.
     ``uow``: an open unit of work (a job's claim) to commit a new direct payment in; it is
     committed first instead when the payment may already exist or a network call comes first.
+    ``job_claim``: the attempt number of the job run's claim. The payment is linked to the job
+    only while that claim holds it; a run whose job another claim took over creates no payment
+    (:class:`~connector.jobs.JobTakenOver`, nothing committed: the signature is never used).
     """
     if ctx.wallet_address is None:
         raise WalletKeyMissing(
@@ -195,7 +199,10 @@ def prepare_send(
         try:
             insert_payment(uow.session, payment, now=now, then=steps)
             if job_id is not None:  # link the action job in the same transaction
-                link_payment(uow.session, job_id, payment.id)
+                linked = link_payment(uow.session, job_id, payment.id, claim=job_claim)
+                if not linked and job_claim is not None:  # another run holds the job now
+                    uow.rollback()
+                    raise JobTakenOver(job_id, job_claim)
             uow.commit()
         except IntegrityError:
             uow.rollback()

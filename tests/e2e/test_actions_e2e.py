@@ -298,10 +298,10 @@ def test_a_crash_while_recording_a_settlement_never_pays_twice(
 
     real = service.outcome.write
 
-    def crash_on_success(session: Any, job: str, found: Any, **kw: Any) -> None:
+    def crash_on_success(session: Any, job: str, found: Any, **kw: Any) -> bool:
         if job == job_id and found.status == "succeeded":
             raise RuntimeError("worker died while committing")
-        real(session, job, found, **kw)
+        return real(session, job, found, **kw)
 
     monkeypatch.setattr(service.outcome, "write", crash_on_success)
     with pytest.raises(RuntimeError):
