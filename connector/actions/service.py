@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -340,6 +340,7 @@ def _claim_and_run(rt: Runtime, job_id: str, handover: Handover) -> outcome.Outc
 def _run(
     rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None, claim: UnitOfWork
 ) -> outcome.Outcome:
+    claimed = job
     try:
         inp = spec.input_model.model_validate(job.input or {})
         if job.action == "send" and ctx is not None:
@@ -347,6 +348,7 @@ def _run(
                 output: Any = _send(rt, ctx, inp, job, claim)
             except ConcurrentUpdate:
                 claim.rollback()
+                job = _as_claimed(claimed, claim)
                 output = _truth_after_race(rt, job)
         else:
             claim.commit()
@@ -354,9 +356,11 @@ def _run(
             output = HANDLERS[job.action](rt, ctx, inp, job)
     except JobTakenOver:
         claim.rollback()  # (a no-op once committed) see JobTakenOver
+        job = _as_claimed(claimed, claim)
         return _taken_over(rt, job)
     except ExternalServiceError as exc:
         claim.rollback()  # (a no-op once committed) the job row must be free for the next write
+        job = _as_claimed(claimed, claim)
         if exc.retryable:
             if not _requeue(rt, job, problem(exc)):
                 return _taken_over(rt, job)  # the newer run retries, not this task
@@ -366,14 +370,17 @@ def _run(
         # Lost a race with another worker on the same payment: nothing of this run committed.
         # Run again from the stored state (a retry), never report it as the action's outcome.
         claim.rollback()
+        job = _as_claimed(claimed, claim)
         if not _requeue(rt, job, problem(exc)):
             return _taken_over(rt, job)
         raise
     except ConnectorError as exc:
         claim.rollback()
+        job = _as_claimed(claimed, claim)
         return _fail(rt, job, problem(exc))
     except ValidationError as exc:
         claim.rollback()
+        job = _as_claimed(claimed, claim)
         return _fail(
             rt,
             job,
@@ -392,12 +399,24 @@ def _run(
         # no trace until the stale-job sweep. A lost connection is not written (the database is
         # gone): the task retries it at once.
         claim.rollback()
+        job = _as_claimed(claimed, claim)
         if not is_connection_error(exc):
             _requeue_after(rt, job, exc)
         raise
     if isinstance(output, Done):
         return output.outcome
-    return _record(rt, job, output)
+    return _record(rt, _as_claimed(claimed, claim), output)
+
+
+def _as_claimed(claimed: ClaimedJob, claim: UnitOfWork) -> ClaimedJob:
+    """The run's job as its row stands once ``claim`` ended, for the fence on this run's writes.
+
+    A direct send hands its claim to the payment's transaction uncommitted; when that transaction
+    is rolled back (a refusal before signing, a lost race on the payment's key) the claim never
+    happened: the row keeps the attempt number from before it, and this run's writes are fenced
+    on that number, not on the one the rolled-back claim would have set.
+    """
+    return claimed if claim.committed else replace(claimed, attempts=claimed.attempts - 1)
 
 
 def _record(rt: Runtime, job: ClaimedJob, output: BaseModel) -> outcome.Outcome:
