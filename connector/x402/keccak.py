@@ -6,10 +6,10 @@ well under a microsecond. Verification does three keccaks per payment (struct ha
 digest, recovered public key), which made hashing cost about as much as the signature recovery
 (see ``bench/bench_verify.py``).
 
-This module calls pycryptodome's compiled Keccak directly through its cffi library, keeping one
-sponge state per thread and resetting it between calls. When that library is not available (an
-installation without pycryptodome or without cffi) it falls back to ``eth_utils.keccak``; a unit
-test checks both against each other.
+In order of preference: ``safe-pysha3``'s C ``keccak_256`` (~0.8 µs for a 64-byte input here);
+pycryptodome's compiled Keccak called directly through its cffi library, with one sponge state per
+thread reset between calls (~2.4 µs: four foreign calls); ``eth_utils.keccak``. Each candidate is
+checked against ``eth_utils`` before use, and a unit test compares them over many lengths.
 """
 
 from __future__ import annotations
@@ -77,7 +77,25 @@ def _build_fast() -> Callable[[bytes], bytes] | None:
     return keccak256
 
 
-_fast = _build_fast()
+def _build_pysha3() -> Callable[[bytes], bytes] | None:
+    try:
+        module: Any = importlib.import_module("sha3")
+        keccak_256: Any = module.keccak_256
+    except (ImportError, AttributeError):
+        return None
+
+    def keccak256(data: bytes) -> bytes:
+        return bytes(keccak_256(data).digest())
+
+    try:
+        if keccak256(b"") != _slow(b"") or keccak256(b"x" * 200) != _slow(b"x" * 200):
+            return None
+    except Exception:
+        return None
+    return keccak256
+
+
+_fast = _build_pysha3() or _build_fast()
 
 #: Keccak-256 of ``data`` (Ethereum's "sha3").
 keccak256: Callable[[bytes], bytes] = _fast or _slow

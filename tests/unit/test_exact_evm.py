@@ -124,12 +124,15 @@ def test_fast_keccak_equals_eth_utils_keccak_for_all_lengths() -> None:
 
     from eth_utils.crypto import keccak
 
-    from connector.x402.keccak import FAST, keccak256
+    from connector.x402.keccak import FAST, _build_fast, _build_pysha3, keccak256
 
-    assert FAST  # the cffi path is in use here (else the bench measures the slow one)
+    assert FAST  # a compiled path is in use here (else the bench measures the slow one)
+    pysha3, cffi = _build_pysha3(), _build_fast()
+    assert pysha3 is not None and cffi is not None  # both candidates exist in this install
     for n in (*range(0, 300), 1000, 4096):
         data = os.urandom(n)
-        assert keccak256(data) == keccak(data)
+        expected = keccak(data)
+        assert keccak256(data) == pysha3(data) == cffi(data) == expected
 
 
 def test_inline_verification_accepts_an_eth_account_typed_data_signature() -> None:
