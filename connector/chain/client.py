@@ -532,6 +532,22 @@ class ChainClient:
             return None
         return self._parse_receipt(tx_hash, raw)
 
+    def wait_for_confirmations(
+        self, receipt: Receipt, confirmations: int, *, timeout_s: float
+    ) -> bool:
+        """Whether ``receipt``'s block is ``confirmations`` deep (its own block counted), waiting
+        up to ``timeout_s`` for it. False when it is not deep enough in time: the transaction is
+        mined but its outcome may still be undone, so it is reported as pending, never final."""
+        if confirmations <= 1:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.block_number() - receipt.block_number + 1 >= confirmations:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.25, max(0.01, timeout_s / 20)))
+
     def wait_for_receipt(
         self, tx_hash: str, *, timeout_s: float = 30.0, poll_interval_s: float | None = None
     ) -> Receipt:

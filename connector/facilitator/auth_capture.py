@@ -97,8 +97,12 @@ class AuthCaptureFacilitator:
         network: str,
         assets: set[str] | None = None,
         receipt_timeout_s: float = 60.0,
+        confirmations: int = 1,
     ) -> None:
         self.chain = chain
+        # As for ``exact`` transfers: success only once the operation's block is this deep;
+        # until then settlement_pending with the transaction hash (the caller looks again).
+        self.confirmations = max(1, confirmations)
         self.gas_key = gas_key
         self.network = network
         self.assets = {a.lower() for a in assets} if assets else None
@@ -482,6 +486,11 @@ class AuthCaptureFacilitator:
             return self._failure(SETTLEMENT_PENDING, op.info.payer, tx_hash)
         if receipt.status != 1:
             return self._failure(ac.TRANSACTION_REVERTED, op.info.payer, tx_hash)
+        if not self.chain.wait_for_confirmations(
+            receipt, self.confirmations, timeout_s=self.receipt_timeout_s
+        ):
+            log.info("authCapture settlement mined, not confirmed yet", extra={"tx_hash": tx_hash})
+            return self._failure(SETTLEMENT_PENDING, op.info.payer, tx_hash)
         return {
             "success": True,
             "payer": op.info.payer,

@@ -83,7 +83,12 @@ class LocalFacilitator:
         # answer is settlement_pending with the transaction hash (an unknown outcome).
         self.register_scheme(
             AuthCaptureFacilitator(
-                chain, gas_key, network=network, assets=assets, receipt_timeout_s=receipt_timeout_s
+                chain,
+                gas_key,
+                network=network,
+                assets=assets,
+                receipt_timeout_s=receipt_timeout_s,
+                confirmations=self.confirmations,
             )
         )
 
@@ -288,17 +293,9 @@ class LocalFacilitator:
 
     def _confirmed(self, receipt: Receipt) -> bool:
         """Wait (up to the receipt timeout) for the configured confirmations."""
-        if self.confirmations <= 1:
-            return True
-        import time
-
-        deadline = time.monotonic() + self.receipt_timeout_s
-        while True:
-            if self.chain.block_number() - receipt.block_number + 1 >= self.confirmations:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(0.25, max(0.01, self.receipt_timeout_s / 20)))
+        return self.chain.wait_for_confirmations(
+            receipt, self.confirmations, timeout_s=self.receipt_timeout_s
+        )
 
     def _recover(self, parsed: _Parsed, entry: _Settlement, tx_hash: str) -> dict[str, Any]:
         """No receipt in time. Still in the node's pool: pending (the outcome is unknown, never

@@ -484,3 +484,46 @@ def test_a_chain_without_the_escrow_is_refused_not_reported_as_settled(
     settled = fresh.settle(body(req, inner))
     assert settled["success"] is False and settled["transaction"] == ""
     assert s.balance(s.payer.address) == payer_before
+
+
+def test_an_escrow_operation_is_pending_until_its_confirmations(
+    s: Setup, chain_client: ChainClient
+) -> None:
+    """As for ``exact`` transfers: on a network that needs 3 confirmations, a mined authorize is
+    reported ``settlement_pending`` with its transaction (never success, never failure) until its
+    block is 3 deep; once blocks follow, the same kind of settle answers success."""
+    import threading
+
+    from connector.facilitator.auth_capture import SETTLEMENT_PENDING, AuthCaptureFacilitator
+
+    def facilitator(timeout_s: float) -> AuthCaptureFacilitator:
+        return AuthCaptureFacilitator(
+            chain_client, s.operator, network=s.chain.network, receipt_timeout_s=timeout_s,
+            confirmations=3,
+        )  # fmt: skip
+
+    payer0 = s.balance(s.payer.address)
+    req = s.req()
+    shallow = facilitator(1.0).settle(body(req, {**s.signed(req), "type": "authorize"}))
+    assert shallow["success"] is False and shallow["errorReason"] == SETTLEMENT_PENDING, shallow
+    mined = chain_client.get_receipt(shallow["transaction"])
+    assert mined is not None and mined.status == 1  # it happened: only not deep enough yet
+    assert s.balance(s.payer.address) == payer0 - 1_000_000
+
+    req = s.req()
+    stop = threading.Event()
+
+    def mine() -> None:  # blocks keep coming, whenever the settle's transaction lands
+        while not stop.wait(0.3):
+            chain_client.rpc("anvil_mine", ["0x1"])
+
+    miner = threading.Thread(target=mine, daemon=True)
+    miner.start()
+    try:
+        deep = facilitator(30.0).settle(body(req, {**s.signed(req), "type": "authorize"}))
+    finally:
+        stop.set()
+        miner.join(5)
+    assert deep["success"] is True, deep
+    receipt = chain_client.get_receipt(deep["transaction"])
+    assert receipt is not None and chain_client.block_number() - receipt.block_number + 1 >= 3
