@@ -341,26 +341,30 @@ def _run(
     rt: Runtime, job: ClaimedJob, spec: Any, ctx: ConnectionContext | None, claim: UnitOfWork
 ) -> outcome.Outcome:
     claimed = job
+
+    def undone() -> ClaimedJob:
+        # End the claim's transaction if it is still open (a no-op once committed); the job as
+        # its row stands after that, for the fence on this run's writes.
+        claim.rollback()
+        return _as_claimed(claimed, claim)
+
     try:
         inp = spec.input_model.model_validate(job.input or {})
         if job.action == "send" and ctx is not None:
             try:
                 output: Any = _send(rt, ctx, inp, job, claim)
             except ConcurrentUpdate:
-                claim.rollback()
-                job = _as_claimed(claimed, claim)
+                job = undone()
                 output = _truth_after_race(rt, job)
         else:
             claim.commit()
             ctx = ctx or load_connection(rt, job.connection_id)
             output = HANDLERS[job.action](rt, ctx, inp, job)
     except JobTakenOver:
-        claim.rollback()  # (a no-op once committed) see JobTakenOver
-        job = _as_claimed(claimed, claim)
+        job = undone()  # see JobTakenOver
         return _taken_over(rt, job)
     except ExternalServiceError as exc:
-        claim.rollback()  # (a no-op once committed) the job row must be free for the next write
-        job = _as_claimed(claimed, claim)
+        job = undone()  # the job row must be free for the next write
         if exc.retryable:
             if not _requeue(rt, job, problem(exc)):
                 return _taken_over(rt, job)  # the newer run retries, not this task
@@ -369,18 +373,15 @@ def _run(
     except ConcurrentUpdate as exc:
         # Lost a race with another worker on the same payment: nothing of this run committed.
         # Run again from the stored state (a retry), never report it as the action's outcome.
-        claim.rollback()
-        job = _as_claimed(claimed, claim)
+        job = undone()
         if not _requeue(rt, job, problem(exc)):
             return _taken_over(rt, job)
         raise
     except ConnectorError as exc:
-        claim.rollback()
-        job = _as_claimed(claimed, claim)
+        job = undone()
         return _fail(rt, job, problem(exc))
     except ValidationError as exc:
-        claim.rollback()
-        job = _as_claimed(claimed, claim)
+        job = undone()
         return _fail(
             rt,
             job,
@@ -398,8 +399,7 @@ def _run(
         # put the job back in the queue with the reason, instead of leaving it `running` with
         # no trace until the stale-job sweep. A lost connection is not written (the database is
         # gone): the task retries it at once.
-        claim.rollback()
-        job = _as_claimed(claimed, claim)
+        job = undone()
         if not is_connection_error(exc):
             _requeue_after(rt, job, exc)
         raise

@@ -17,6 +17,15 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
+#: libpq settings of every PostgreSQL connection (a caller's own ``connect_args`` win).
+_CONNECT_DEFAULTS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine with the settings each backend needs for safe concurrent use."""
@@ -44,10 +53,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # A server that accepts the TCP connection and never answers (hung, or a half-open path)
     # must fail a connect, not block the request or task that opened it for ever; keepalives
     # find a peer that vanished under an open pooled connection.
-    connect_args.setdefault("connect_timeout", 10)
-    for name, value in (("keepalives", 1), ("keepalives_idle", 30), ("keepalives_interval", 10)):
+    for name, value in _CONNECT_DEFAULTS.items():
         connect_args.setdefault(name, value)
-    connect_args.setdefault("keepalives_count", 3)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)

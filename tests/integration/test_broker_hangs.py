@@ -9,15 +9,13 @@ failed, callers must not each pay those timeouts again: they fail fast until a c
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from connector.settings import Settings
 from tests.fixtures.api import ApiHarness
+from tests.fixtures.net import finishes
 from tests.integration.test_api_admin import connection_body
 from workers.celery_app import make_celery
 from workers.wiring import BrokerUnavailable, PublishBreaker, celery_dispatch
@@ -26,52 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def hung_broker() -> Iterator[str]:
-    """A loopback TCP server that accepts every connection, reads and never writes a byte."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            held.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
-    stop.set()
-    thread.join(5)
-    for conn in held:
-        conn.close()
-    server.close()
-
-
-def _in_thread(fn: Any) -> tuple[threading.Thread, list[BaseException]]:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # reported to the test
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, errors
+def hung_broker(silent_server: int) -> str:
+    return f"redis://127.0.0.1:{silent_server}/0"
 
 
 def test_a_publish_to_a_hung_broker_gives_up_with_an_error(hung_broker: str) -> None:
     dispatch = celery_dispatch(make_celery(Settings(broker_url=hung_broker, broker_timeout_s=1)))
-    thread, errors = _in_thread(lambda: dispatch("x402c.run_job", ("job_1",)))
-    thread.join(60)  # a hang detector, not a speed check: the timeouts total a few seconds
-    assert not thread.is_alive(), "the publish is still blocked on the hung broker"
+    errors = finishes(lambda: dispatch("x402c.run_job", ("job_1",)))  # the timeouts total ~1 s
     assert errors, "a publish that reached no broker must raise"
 
 
@@ -125,7 +84,5 @@ def test_actions_are_accepted_while_the_broker_hangs(api: ApiHarness, hung_broke
             assert response.status_code == 202, response.text
             assert response.json()["status"] == "queued"  # the stale-job sweep sends it later
 
-    thread, errors = _in_thread(submit_three)
-    thread.join(90)  # a hang detector: without timeouts the first submission never answers
-    assert not thread.is_alive(), "a submission is blocked on the hung broker"
-    assert errors == []
+    # Without timeouts the first submission never answers.
+    assert finishes(submit_three, timeout_s=90) == []
