@@ -10,9 +10,17 @@ from __future__ import annotations
 from celery import Celery
 
 from connector.settings import Settings, get_settings
-from workers.redis_transport import transport_for
 
 TASK_MODULES = ["workers.tasks", "workers.webhook_tasks"]
+
+
+def transport_for(broker_url: str) -> str | None:
+    """Our transport's path for a plain Redis or in-memory broker URL; None keeps kombu's."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return "workers.redis_transport:Transport"
+    if broker_url.startswith("memory://"):
+        return "workers.memory_transport:Transport"
+    return None
 
 
 def make_celery(settings: Settings | None = None) -> Celery:

@@ -28,12 +28,3 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
-
-
-def transport_for(broker_url: str) -> str | None:
-    """Our transport's path for a plain Redis or in-memory broker URL; None keeps kombu's."""
-    if broker_url.startswith(("redis://", "rediss://")):
-        return f"{__name__}:Transport"
-    if broker_url.startswith("memory://"):
-        return "workers.memory_transport:Transport"
-    return None
